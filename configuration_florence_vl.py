@@ -1,0 +1,179 @@
+"""Configuration of Florence-VL: Florence-2 depth/breadth features fused (DBFusion) into a causal LLM."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from transformers import AutoConfig, BartConfig, Florence2VisionConfig, PretrainedConfig
+
+# The three Florence-2 task prompts of the release, in release order, with the BART token ids the original
+# hard-codes (right-padded to 14 with the BART pad id 1).
+DEFAULT_FLORENCE_PROMPTS: dict[str, dict[str, Any]] = {
+    "<DETAILED_CAPTION>": {
+        "text": "Describe in detail what is shown in the image.",
+        "input_ids": [0, 47066, 21700, 11, 4617, 99, 16, 2343, 11, 5, 2274, 4, 2, 1],
+    },
+    "<OCR>": {
+        "text": "What is the text in the image?",
+        "input_ids": [0, 2264, 16, 5, 2788, 11, 5, 2274, 116, 2, 1, 1, 1, 1],
+    },
+    "<DENSE_REGION_CAPTION>": {
+        "text": "Locate the objects in the image, with their descriptions.",
+        "input_ids": [0, 574, 22486, 5, 8720, 11, 5, 2274, 6, 19, 49, 24173, 4, 2],
+    },
+}
+DEPTH_FEATURE = "depth"
+
+# Florence-2-large: the tower of both releases.
+FLORENCE2_LARGE_VISION = dict(
+    depths=[1, 1, 9, 1],
+    embed_dim=[256, 512, 1024, 2048],
+    num_heads=[8, 16, 32, 64],
+    num_groups=[8, 16, 32, 64],
+    window_size=12,
+    projection_dim=1024,
+    drop_path_rate=0.0,
+)
+FLORENCE2_LARGE_ENCODER = dict(
+    vocab_size=51289,
+    d_model=1024,
+    encoder_layers=12,
+    encoder_attention_heads=16,
+    encoder_ffn_dim=4096,
+    decoder_layers=0,
+    max_position_embeddings=1024,
+    scale_embedding=False,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+)
+
+# Every Auto class a user may call on a saved folder (`AutoModelForVision2Seq` exists in transformers 4.x only).
+AUTO_MAP = {
+    "AutoConfig": "configuration_florence_vl.FlorenceVLConfig",
+    "AutoModel": "modeling_florence_vl.FlorenceVLModel",
+    "AutoModelForImageTextToText": "modeling_florence_vl.FlorenceVLForConditionalGeneration",
+    "AutoModelForVision2Seq": "modeling_florence_vl.FlorenceVLForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_florence_vl.FlorenceVLForConditionalGeneration",
+}
+
+# Text-config keys that 4.57 reads and 5.x replaced by `rope_parameters` (see `_with_legacy_rope_keys`).
+_LEGACY_ROPE_KEYS = ("rope_theta", "rope_scaling")
+
+
+class FlorenceVLConfig(PretrainedConfig):
+    """Configuration of [`FlorenceVLForConditionalGeneration`].
+
+    Args:
+        vision_config: the Florence-2 DaViT tower and its image projection (depth features).
+        encoder_config: the Florence-2 BART text encoder that computes the breadth features (no decoder).
+        text_config: the language model; any `model_type` that `AutoConfig` knows (Llama-3, Phi-3, ...).
+        florence_prompts: task name -> {"text", "input_ids"}: the Florence-2 prompts run over each image.
+            `input_ids` are BART ids, already padded as the original pads them.
+        fused_features: what DBFusion concatenates on channels, in order: "depth" and/or prompt task names.
+        attend_prompt_padding: whether the encoder attends the prompts' padding tokens (the original does).
+        projector_depth: number of linear layers of the DBFusion projector (GELU between them).
+        projector_hidden_act: activation between the projector's linear layers.
+        image_token_id: id of the image placeholder token in the LLM vocabulary (may lie past the embedding).
+        image_seq_length: visual tokens per image (1 global + 24x24 grid for 768x768 inputs).
+    """
+
+    model_type = "florence_vl"
+    sub_configs = {"vision_config": Florence2VisionConfig, "encoder_config": BartConfig, "text_config": AutoConfig}
+
+    def __init__(
+        self,
+        vision_config: Optional[Union[dict, Florence2VisionConfig]] = None,
+        encoder_config: Optional[Union[dict, BartConfig]] = None,
+        text_config: Optional[Union[dict, PretrainedConfig]] = None,
+        florence_prompts: Optional[dict[str, dict[str, Any]]] = None,
+        fused_features: Optional[list[str]] = None,
+        attend_prompt_padding: bool = True,
+        projector_depth: int = 3,
+        projector_hidden_act: str = "gelu",
+        image_token_id: int = 128257,
+        image_seq_length: int = 577,
+        tie_word_embeddings: Optional[bool] = None,
+        **kwargs,
+    ):
+        if vision_config is None:
+            vision_config = dict(FLORENCE2_LARGE_VISION)
+        if isinstance(vision_config, dict):
+            vision_config = Florence2VisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
+        if encoder_config is None:
+            encoder_config = dict(FLORENCE2_LARGE_ENCODER)
+        if isinstance(encoder_config, dict):
+            encoder_config = BartConfig(**{k: v for k, v in encoder_config.items() if k != "model_type"})
+        if text_config is None:
+            text_config = {"model_type": "llama"}
+        if isinstance(text_config, dict):
+            text_config = dict(text_config)
+            text_config = AutoConfig.for_model(text_config.pop("model_type", "llama"), **text_config)
+
+        self.vision_config = vision_config
+        self.encoder_config = encoder_config
+        self.text_config = text_config
+        self.florence_prompts = {k: dict(v) for k, v in (florence_prompts or DEFAULT_FLORENCE_PROMPTS).items()}
+        self.fused_features = list(fused_features or [DEPTH_FEATURE, *self.florence_prompts])
+        self.attend_prompt_padding = attend_prompt_padding
+        self.projector_depth = projector_depth
+        self.projector_hidden_act = projector_hidden_act
+        self.image_token_id = image_token_id
+        self.image_seq_length = image_seq_length
+        self._validate_dbfusion()
+        # transformers 5.x decides weight tying from the top-level flag.
+        if tie_word_embeddings is None:
+            tie_word_embeddings = getattr(text_config, "tie_word_embeddings", False)
+        kwargs["auto_map"] = {**AUTO_MAP, **kwargs.get("auto_map", {})}
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def _validate_dbfusion(self) -> None:
+        """Fail early, naming the culprit, on DBFusion settings the model could not build."""
+        unknown = [name for name in self.fused_features if name != DEPTH_FEATURE and name not in self.florence_prompts]
+        if unknown:
+            raise ValueError(
+                f"fused_features names {unknown}, which are neither {DEPTH_FEATURE!r} nor a key of florence_prompts "
+                f"({list(self.florence_prompts)})"
+            )
+        if len(set(self.fused_features)) != len(self.fused_features) or not self.fused_features:
+            raise ValueError(f"fused_features must be non-empty and without repeats, got {self.fused_features}")
+        for task, prompt in self.florence_prompts.items():
+            ids = prompt.get("input_ids")
+            if not ids or not all(isinstance(i, int) and 0 <= i < self.encoder_config.vocab_size for i in ids):
+                raise ValueError(
+                    f"florence_prompts[{task!r}]['input_ids'] must be a non-empty list of BART token ids below "
+                    f"{self.encoder_config.vocab_size}, got {ids}"
+                )
+        if self.projector_depth < 1:
+            raise ValueError(f"projector_depth must be at least 1, got {self.projector_depth}")
+
+    @property
+    def breadth_prompts(self) -> list[str]:
+        """The prompt tasks that DBFusion uses, in fusion order (each runs through the encoder once per image)."""
+        return [name for name in self.fused_features if name != DEPTH_FEATURE]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialise, writing the LLM's rope settings in the form both transformers 4.57 and 5.x read."""
+        output = super().to_dict()
+        output["text_config"] = _with_legacy_rope_keys(output["text_config"])
+        return output
+
+
+def _with_legacy_rope_keys(text_config: dict[str, Any]) -> dict[str, Any]:
+    """Add 4.x `rope_theta`/`rope_scaling` next to 5.x `rope_parameters`, so 4.57 does not silently drop rope."""
+    rope = text_config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope or any(k in text_config for k in _LEGACY_ROPE_KEYS):
+        return text_config
+    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        scaling = None
+    elif rope_type == "longrope":
+        # 4.57's Phi-3 config accepts exactly these three keys; the original length stays top-level.
+        scaling = {"type": "longrope", "short_factor": scaling["short_factor"], "long_factor": scaling["long_factor"]}
+    return {**text_config, "rope_theta": rope["rope_theta"], "rope_scaling": scaling}
+
+
+FlorenceVLConfig.register_for_auto_class()
+
+__all__ = ["FlorenceVLConfig"]

@@ -1,0 +1,99 @@
+"""Test set-up shared by every test file: offline Hub, a private HF_HOME, the repo as package `florence_vl`,
+the fixture folder, and tiny Florence-VL configs."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+# Before transformers is imported: nothing may reach the network or the user's cache.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="florence_vl_hf_home_")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FLORENCE_VL_SHARED", ROOT.parent / "shared"))
+FIXTURE = SHARED / "fixtures" / "florence_vl_tiny_llama"
+
+# The model files use package-relative imports (as remote code must); expose the repo root as a package.
+if "florence_vl" not in sys.modules:
+    _package = types.ModuleType("florence_vl")
+    _package.__path__ = [str(ROOT)]
+    sys.modules["florence_vl"] = _package
+sys.path.insert(0, str(ROOT))
+
+from florence_vl.configuration_florence_vl import FlorenceVLConfig  # noqa: E402
+
+# Dimensions of the fixture's tiny checkpoint (Florence-2 tower, BART encoder, LLM).
+TINY_VISION = dict(
+    depths=[1, 1, 2, 1],
+    embed_dim=[16, 32, 48, 64],
+    num_heads=[1, 2, 3, 4],
+    num_groups=[1, 2, 3, 4],
+    projection_dim=32,
+    drop_path_rate=0.0,
+)
+TINY_ENCODER = dict(
+    vocab_size=51289,
+    d_model=32,
+    encoder_layers=2,
+    encoder_attention_heads=2,
+    encoder_ffn_dim=64,
+    decoder_layers=0,
+    max_position_embeddings=1024,
+    pad_token_id=1,
+)
+TINY_TEXT = {
+    "llama": dict(
+        model_type="llama",
+        vocab_size=400,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=4,
+        pad_token_id=7,
+    ),
+    "phi3": dict(
+        model_type="phi3",
+        vocab_size=400,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        original_max_position_embeddings=1024,
+        rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.5] * 8},
+        bos_token_id=1,
+        eos_token_id=4,
+        pad_token_id=7,
+    ),
+}
+
+
+def tiny_config(llm: str = "llama", **overrides) -> FlorenceVLConfig:
+    """A Florence-VL config with the fixture's tiny dimensions and the given LLM family."""
+    return FlorenceVLConfig(
+        vision_config=dict(TINY_VISION),
+        encoder_config=dict(TINY_ENCODER),
+        text_config=dict(TINY_TEXT[llm]),
+        image_token_id=TINY_TEXT[llm]["vocab_size"],
+        **overrides,
+    )
+
+
+def require_fixture() -> Path:
+    """The fixture folder; a loud failure (not a skip) when `../shared` is missing."""
+    if not FIXTURE.is_dir():
+        pytest.fail(f"fixture folder {FIXTURE} is missing: clone next to ../shared or set FLORENCE_VL_SHARED")
+    return FIXTURE
