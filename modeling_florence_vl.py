@@ -174,6 +174,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
             # The placeholder id may lie past the embedding table; its rows are overwritten below anyway.
             inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
             if pixel_values is not None:
+                self._check_pixel_values(pixel_values)  # before counting its images
                 image_mask = self.get_placeholder_mask(input_ids, num_images=pixel_values.shape[0])
                 image_features = self.get_image_features(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)
                 inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_features)

@@ -1,0 +1,106 @@
+"""`generate`: greedy, sampling and beam search with a KV cache; batches with left padding; images encoded once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from florence_vl.modeling_florence_vl import FlorenceVLForConditionalGeneration
+
+SEQ = 577
+NEW = 6
+
+
+@pytest.fixture(scope="module", params=["llama", "phi3"])
+def model(request) -> FlorenceVLForConditionalGeneration:
+    torch.manual_seed(0)
+    model = FlorenceVLForConditionalGeneration(tiny_config(request.param)).double().eval()
+    model.generation_config.pad_token_id = model.config.text_config.pad_token_id
+    return model
+
+
+def sample(model, text_lengths: list[int], num_images: int, seed: int) -> tuple[torch.LongTensor, torch.Tensor]:
+    """Ids of text pieces with an image's placeholders between consecutive pieces, and the pixel values."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.config.text_config.vocab_size
+    pieces = []
+    for i, length in enumerate(text_lengths):
+        pieces.append(torch.randint(8, vocab, (length,), generator=generator))
+        if i < num_images:
+            pieces.append(torch.full((SEQ,), model.config.image_token_id))
+    pixels = torch.randn(num_images, 3, 768, 768, generator=generator, dtype=torch.float64)
+    return torch.cat(pieces), pixels
+
+
+def generate(model, input_ids, pixel_values=None, attention_mask=None, **kwargs) -> torch.LongTensor:
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    options = {"max_new_tokens": NEW, "min_new_tokens": NEW, "do_sample": False, **kwargs}
+    output = model.generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **options)
+    return output[:, input_ids.shape[1] :]
+
+
+def left_pad(sequences: list[torch.LongTensor], pad: int) -> tuple[torch.LongTensor, torch.LongTensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        ids[row, width - len(s) :] = s
+        mask[row, width - len(s) :] = 1
+    return ids, mask
+
+
+def test_cached_and_uncached_decoding_agree(model):
+    ids, pixels = sample(model, [5, 4], 1, seed=1)
+    cached = generate(model, ids[None], pixels)
+    uncached = generate(model, ids[None], pixels, use_cache=False)
+    assert cached.tolist() == uncached.tolist()
+
+
+def test_batch_with_left_padding_equals_one_by_one(model):
+    """Different lengths and image counts (none, one, two) in one left-padded batch."""
+    samples = [sample(model, [7], 0, seed=2), sample(model, [3, 6], 1, seed=3), sample(model, [2, 2, 5], 2, seed=4)]
+    alone = [generate(model, ids[None], pixels if len(pixels) else None)[0].tolist() for ids, pixels in samples]
+    ids, mask = left_pad([ids for ids, _ in samples], model.config.text_config.pad_token_id)
+    pixels = torch.cat([pixels for _, pixels in samples])
+    batched = generate(model, ids, pixels, attention_mask=mask)
+    assert batched.tolist() == alone
+
+
+def test_images_are_encoded_once_per_generate_call(model, monkeypatch):
+    calls = []
+    encode = model.model.get_image_features
+    monkeypatch.setattr(model.model, "get_image_features", lambda pv: calls.append(len(pv)) or encode(pv))
+    ids, pixels = sample(model, [3, 3, 3], 2, seed=5)
+    generate(model, ids[None], pixels)
+    assert calls == [2]
+    calls.clear()
+    generate(model, ids[None], pixels, num_beams=3)
+    assert calls == [2 * 3]  # generate repeats the inputs per beam before the one prefill
+
+
+def test_beam_search_matches_greedy_with_one_beam_and_runs_batched(model):
+    ids, pixels = sample(model, [4, 4], 1, seed=6)
+    assert generate(model, ids[None], pixels, num_beams=1).tolist() == generate(model, ids[None], pixels).tolist()
+    beams = generate(model, ids[None].repeat(2, 1), pixels.repeat(2, 1, 1, 1), num_beams=3, num_return_sequences=2)
+    assert beams.shape == (4, NEW)
+    assert (beams < model.config.text_config.vocab_size).all()
+
+
+def test_sampling_is_reproducible_with_a_seed(model):
+    ids, pixels = sample(model, [4, 4], 1, seed=7)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append(generate(model, ids[None], pixels, do_sample=True, top_k=20, temperature=0.8).tolist())
+    assert runs[0] == runs[1]
+
+
+def test_text_only_generation(model):
+    ids, _ = sample(model, [9], 0, seed=8)
+    tokens = generate(model, ids[None])
+    assert tokens.shape == (1, NEW)
+    with torch.no_grad():
+        first = model(input_ids=ids[None]).logits[0, -1].argmax()
+    assert tokens[0, 0] == first

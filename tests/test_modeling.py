@@ -1,0 +1,206 @@
+"""The forward pass: visual tokens in the right places, the loss, DBFusion settings, attention backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+
+from florence_vl.modeling_florence_vl import FlorenceVLForConditionalGeneration
+
+SEQ = 577
+
+
+def build(llm: str = "llama", dtype: torch.dtype = torch.float64, **overrides) -> FlorenceVLForConditionalGeneration:
+    """A seeded tiny model in eval mode."""
+    torch.manual_seed(0)
+    return FlorenceVLForConditionalGeneration(tiny_config(llm, **overrides)).to(dtype).eval()
+
+
+def prompt(model, *segments) -> torch.LongTensor:
+    """Token ids from segments: an int n adds n random text ids, the string "image" one image's placeholders."""
+    generator = torch.Generator().manual_seed(len(segments))
+    parts = [
+        torch.full((SEQ,), model.config.image_token_id)
+        if segment == "image"
+        else torch.randint(8, model.config.text_config.vocab_size, (segment,), generator=generator)
+        for segment in segments
+    ]
+    return torch.cat(parts)[None]
+
+
+def images(count: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(count, 3, 768, 768, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def model() -> FlorenceVLForConditionalGeneration:
+    return build()
+
+
+def test_image_features_have_one_row_per_visual_token(model):
+    with torch.no_grad():
+        features = model.get_image_features(images(2))
+    assert features.shape == (2, SEQ, model.config.text_config.hidden_size)
+
+
+def test_visual_tokens_replace_placeholders_in_order(model):
+    input_ids = prompt(model, 3, "image", 4, "image", 2)
+    pixel_values = images(2)
+    with torch.no_grad():
+        out = model(input_ids=input_ids, pixel_values=pixel_values, output_hidden_states=True)
+        expected = model.get_image_features(pixel_values)
+    embeddings = out.hidden_states[0][0]  # the LLM's input embeddings
+    torch.testing.assert_close(embeddings[3 : 3 + SEQ], expected[0])
+    torch.testing.assert_close(embeddings[7 + SEQ : 7 + 2 * SEQ], expected[1])
+    text_positions = input_ids[0] != model.config.image_token_id
+    torch.testing.assert_close(embeddings[text_positions], model.get_input_embeddings()(input_ids[0][text_positions]))
+    torch.testing.assert_close(out.image_hidden_states, expected)
+
+
+def test_text_only_prompt(model):
+    input_ids = prompt(model, 12)
+    with torch.no_grad():
+        out = model(input_ids=input_ids)
+    assert out.logits.shape == (1, 12, model.config.text_config.vocab_size)
+    assert out.image_hidden_states is None
+
+
+def test_loss_is_cross_entropy_over_text_positions(model):
+    input_ids = prompt(model, 5, "image", 6)
+    labels = input_ids.clone()
+    labels[0, -2] = -100  # an ignored text position
+    with torch.no_grad():
+        out = model(input_ids=input_ids, pixel_values=images(1), labels=labels)
+    logits, targets = out.logits[0, :-1], labels[0, 1:]
+    keep = (targets != -100) & (targets != model.config.image_token_id)
+    assert int(keep.sum()) == (5 - 1) + (6 - 1)  # targets inside the image block and the -100 drop out
+    expected = F.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(out.loss, expected.float())  # transformers computes the loss in float32
+
+
+def test_tuple_output_when_return_dict_is_false(model):
+    with torch.no_grad():
+        out = model(input_ids=prompt(model, 4), return_dict=False)
+    assert isinstance(out, tuple) and out[0].shape == (1, 4, model.config.text_config.vocab_size)
+
+
+def test_inputs_embeds_give_the_same_logits(model):
+    input_ids = prompt(model, 3, "image", 3)
+    pixel_values = images(1)
+    with torch.no_grad():
+        out = model(input_ids=input_ids, pixel_values=pixel_values, output_hidden_states=True)
+        from_embeds = model(inputs_embeds=out.hidden_states[0])
+    torch.testing.assert_close(from_embeds.logits, out.logits)
+
+
+@pytest.mark.parametrize("tokens, count", [(["image"], 2), (["image", 2, "image"], 1), ([], 1)])
+def test_placeholder_image_mismatch_names_both_counts(model, tokens, count):
+    input_ids = prompt(model, 2, *tokens, 2)
+    given = tokens.count("image") * SEQ
+    with pytest.raises(ValueError, match=rf"{given} image tokens.*{count} images were given"):
+        model(input_ids=input_ids, pixel_values=images(count))
+
+
+def test_placeholders_without_pixel_values(model):
+    with pytest.raises(ValueError, match=f"{SEQ} image tokens but no pixel_values"):
+        model(input_ids=prompt(model, 2, "image"))
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 384, 384), (1, 1, 768, 768), (3, 768, 768)])
+def test_pixel_values_of_the_wrong_shape(model, shape):
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \(images, 3, 768, 768\)"):
+        model(input_ids=prompt(model, 2, "image"), pixel_values=torch.zeros(shape, dtype=torch.float64))
+
+
+def test_pixel_values_with_inputs_embeds_is_refused(model):
+    embeds = model.get_input_embeddings()(prompt(model, 4))
+    with pytest.raises(ValueError, match="pixel_values need input_ids"):
+        model(inputs_embeds=embeds, pixel_values=images(1))
+
+
+def test_breadth_features_batched_equal_one_prompt_at_a_time(model):
+    """The single batched encoder pass computes what a loop over prompts and images computes."""
+    encoder, config = model.model.breadth_encoder, model.config
+    with torch.no_grad():
+        depth = model.model.get_depth_features(images(2))
+        batched = model.model.get_breadth_features(depth)
+        for task in config.breadth_prompts:
+            ids = torch.tensor(config.florence_prompts[task]["input_ids"])
+            for i in range(2):
+                embeds = torch.cat([depth[i], encoder.embed_tokens(ids).to(depth.dtype)])[None]
+                alone = encoder(inputs_embeds=embeds).last_hidden_state[0, :SEQ]
+                torch.testing.assert_close(batched[task][i], alone)
+
+
+def test_masking_prompt_padding_changes_only_padded_prompts():
+    attended, masked = build(), build(attend_prompt_padding=False)
+    masked.load_state_dict(attended.state_dict())
+    with torch.no_grad():
+        depth = attended.model.get_depth_features(images(1))
+        a = attended.model.get_breadth_features(depth)
+        m = masked.model.get_breadth_features(depth)
+    torch.testing.assert_close(a["<DENSE_REGION_CAPTION>"], m["<DENSE_REGION_CAPTION>"])  # no padding
+    assert (a["<OCR>"] - m["<OCR>"]).abs().max() > 1e-6  # four pad tokens
+
+
+def test_fused_features_choose_and_order_the_projector_input():
+    model = build(fused_features=["<OCR>", "depth"], projector_depth=2)
+    assert model.model.dbfusion_projector.linears[0].in_features == 2 * model.config.vision_config.projection_dim
+    assert len(model.model.dbfusion_projector.linears) == 2
+    pixel_values = images(1)
+    with torch.no_grad():
+        depth = model.model.get_depth_features(pixel_values)
+        breadth = model.model.get_breadth_features(depth)
+        assert list(breadth) == ["<OCR>"]
+        expected = model.model.dbfusion_projector(torch.cat([breadth["<OCR>"], depth], dim=-1))
+        torch.testing.assert_close(model.get_image_features(pixel_values), expected)
+
+
+@pytest.mark.parametrize("llm", ["llama", "phi3"])
+def test_sdpa_and_eager_attention_agree(llm, tmp_path):
+    sdpa = build(llm)
+    sdpa.save_pretrained(tmp_path)
+    eager = type(sdpa).from_pretrained(tmp_path, attn_implementation="eager", torch_dtype=torch.float64).eval()
+    assert sdpa.config.text_config._attn_implementation == "sdpa"
+    assert eager.config.text_config._attn_implementation == "eager"
+    inputs = dict(input_ids=prompt(sdpa, 4, "image", 5), pixel_values=images(1))
+    with torch.no_grad():
+        torch.testing.assert_close(eager(**inputs).logits, sdpa(**inputs).logits)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    inputs = dict(input_ids=prompt(build(), 3, "image", 3), pixel_values=images(1))
+    grads = []
+    for checkpointing in (False, True):
+        model = build().train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert model.model.language_model.gradient_checkpointing
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert any("vision_tower" in name for name in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+def test_tied_word_embeddings_follow_the_text_config(tmp_path):
+    from conftest import TINY_ENCODER, TINY_TEXT, TINY_VISION
+
+    from florence_vl.configuration_florence_vl import FlorenceVLConfig
+
+    config = FlorenceVLConfig(
+        vision_config=TINY_VISION,
+        encoder_config=TINY_ENCODER,
+        text_config=dict(TINY_TEXT["llama"], tie_word_embeddings=True),
+        image_token_id=400,
+    )
+    assert config.tie_word_embeddings
+    model = FlorenceVLForConditionalGeneration(config)
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    reloaded = FlorenceVLForConditionalGeneration.from_pretrained(tmp_path)
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.get_input_embeddings().weight.data_ptr()
+    torch.testing.assert_close(reloaded.lm_head.weight, model.lm_head.weight)
