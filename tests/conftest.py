@@ -97,3 +97,64 @@ def require_fixture() -> Path:
     if not FIXTURE.is_dir():
         pytest.fail(f"fixture folder {FIXTURE} is missing: clone next to ../shared or set FLORENCE_VL_SHARED")
     return FIXTURE
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny complete repo folders (model + processor), for the processor, pipeline and loading tests.
+
+ASSETS = ROOT / "tests" / "assets"
+CHAT_TEMPLATES = ROOT / "chat_templates"
+
+
+def tiny_processor(llm: str = "llama"):
+    """A FlorenceVLProcessor with a tiny tokenizer of the given LLM family and the original chat template.
+
+    llama: the fixture's byte-level tokenizer with Llama-3 specials (adds BOS itself), Llama-3 template.
+    phi3: tests/assets/phi3_tiny_tokenizer (Phi-3 specials, no BOS added), Phi-3 template.
+    """
+    from transformers import AutoTokenizer
+
+    from florence_vl.processing_florence_vl import FlorenceVLProcessor
+
+    if llm == "llama":
+        tokenizer_dir, template = require_fixture() / "original_checkpoint", "llama3.jinja"
+    elif llm == "phi3":
+        tokenizer_dir, template = ASSETS / "phi3_tiny_tokenizer", "phi3.jinja"
+    else:
+        raise ValueError(f"unknown llm {llm!r}: use 'llama' or 'phi3'")
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return FlorenceVLProcessor(tokenizer=tokenizer, chat_template=(CHAT_TEMPLATES / template).read_text())
+
+
+def save_tiny_repo(folder, llm: str = "llama", seed: int = 0, **config_overrides) -> Path:
+    """Save a complete tiny remote-code repo (random model + processor) for `llm` in {"llama", "phi3"} into `folder`.
+
+    Give every folder a unique basename: transformers 4.57 keys its remote-code module cache by basename.
+    """
+    import torch
+
+    from florence_vl.modeling_florence_vl import FlorenceVLForConditionalGeneration
+
+    folder = Path(folder)
+    processor = tiny_processor(llm)
+    config = tiny_config(llm, **config_overrides)
+    config.image_token_id = processor.image_token_id  # the model finds the images by this id
+    config.image_seq_length = processor.image_seq_length
+    torch.manual_seed(seed)
+    model = FlorenceVLForConditionalGeneration(config).eval()
+    model.save_pretrained(str(folder))
+    processor.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_repo_factory(tmp_path_factory):
+    """Session cache of tiny repo folders: `tiny_repo_factory("llama")` -> Path (saved once per session)."""
+    cache: dict[str, Path] = {}
+
+    def make(llm: str = "llama") -> Path:
+        if llm not in cache:
+            cache[llm] = save_tiny_repo(tmp_path_factory.mktemp(f"florence_vl_tiny_{llm}_repo"), llm)
+        return cache[llm]
+
+    return make
