@@ -170,6 +170,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         image_features = None
         if inputs_embeds is None:
+            self._check_length(input_ids)
             image_mask = input_ids == self.config.image_token_id
             # The placeholder id may lie past the embedding table; its rows are overwritten below anyway.
             inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
@@ -178,10 +179,8 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
                 image_mask = self.get_placeholder_mask(input_ids, num_images=pixel_values.shape[0])
                 image_features = self.get_image_features(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)
                 inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_features)
-            elif image_mask.any():
-                raise ValueError(
-                    f"input_ids hold {int(image_mask.sum())} image tokens but no pixel_values were given."
-                )
+            elif input_ids.shape[1] > 1:  # a prompt, not a decoding step: no host sync while decoding
+                self.get_placeholder_mask(input_ids, num_images=0)
         elif pixel_values is not None:
             raise ValueError(
                 "pixel_values need input_ids to locate the image tokens; with inputs_embeds, splice "
@@ -210,6 +209,15 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         length = max(map(len, ids))
         pad = self.config.encoder_config.pad_token_id
         return torch.tensor([row + [pad] * (length - len(row)) for row in ids], device=device)
+
+    def _check_length(self, input_ids: torch.LongTensor) -> None:
+        """Refuse prompts past the LLM's context before computing anything (the processor never cuts images)."""
+        limit = self.config.text_config.max_position_embeddings
+        if input_ids.shape[-1] > limit:
+            raise ValueError(
+                f"The prompt has {input_ids.shape[-1]} tokens, more than the language model's {limit} positions "
+                f"(each image takes {self.config.image_seq_length}); shorten the text or send fewer images."
+            )
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         """Reject pixel tensors the tower would turn into the wrong number of visual tokens."""

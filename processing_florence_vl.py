@@ -71,7 +71,7 @@ def to_rgb_pil(image: Any) -> Image.Image:
     if isinstance(image, os.PathLike):
         image = os.fspath(image)
     if isinstance(image, str):
-        image = load_image(image)  # transformers' loader: local paths, http(s) URLs, base64
+        image = _load(image)
     elif isinstance(image, torch.Tensor):
         image = _array_to_pil(image.detach().cpu().numpy(), channels_first_default=True)
     elif isinstance(image, np.ndarray):
@@ -82,6 +82,17 @@ def to_rgb_pil(image: Any) -> Image.Image:
         )
     # The original calls convert("RGB") for every mode (alpha dropped, I;16 clipped at 255 by Pillow); kept for parity.
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _load(source: str) -> Image.Image:
+    """transformers' loader (local paths, http(s) URLs, base64), with errors that name the source."""
+    shown = source if len(source) < 200 else source[:200] + "..."
+    try:
+        return load_image(source)
+    except ValueError as error:  # neither an existing file, nor a URL, nor base64 data
+        raise FileNotFoundError(f"No image file at {shown!r} (nor is it a URL or base64 image data)") from error
+    except OSError as error:  # unreadable or truncated file
+        raise OSError(f"Could not read the image {shown!r}: {error}") from error
 
 
 def _array_to_pil(array: np.ndarray, channels_first_default: bool) -> Image.Image:
@@ -241,6 +252,7 @@ class FlorenceVLProcessor(ProcessorMixin):
             expanded = [t.replace(self.image_token, self.image_token * self.image_seq_length) for t in texts]
             encoding = self.tokenizer(expanded, return_token_type_ids=False, **text_kwargs)
             encoding.pop("token_type_ids", None)  # the models' generate rejects them (4.57 and 5.x)
+            self._check_images_intact(texts, encoding["input_ids"], text_kwargs.get("max_length"))
             data.update(encoding)
 
         if flat_images:
@@ -290,6 +302,17 @@ class FlorenceVLProcessor(ProcessorMixin):
                 f"each marker needs exactly one image (put '{self.image_token}\\n' where an image goes, or use "
                 f"apply_chat_template)."
             )
+
+    def _check_images_intact(self, texts: list[str], input_ids: list[list[int]], max_length: Optional[int]) -> None:
+        """ValueError if truncation cut into an image's tokens: only text may be truncated, never half an image."""
+        for text, ids in zip(texts, input_ids):
+            expected = text.count(self.image_token) * self.image_seq_length
+            found = ids.count(self.image_token_id)
+            if found != expected:
+                raise ValueError(
+                    f"Truncation to max_length={max_length} cut through the images: {found} of {expected} image "
+                    f"tokens left ({self.image_seq_length} per image). Raise max_length or send fewer images."
+                )
 
     # ------------------------------------------------------------------ chat
     def apply_chat_template(self, conversation: Any, chat_template: Optional[str] = None, **kwargs) -> Any:

@@ -104,3 +104,28 @@ def test_text_only_generation(model):
     with torch.no_grad():
         first = model(input_ids=ids[None]).logits[0, -1].argmax()
     assert tokens[0, 0] == first
+
+
+def test_greedy_tokens_agree_across_runs_and_attention_backends(model, tmp_path):
+    """Determinism: the same tokens twice, and with eager attention as with sdpa, in float64 and float32."""
+    model.save_pretrained(tmp_path)
+
+    def load(dtype, attention):
+        loaded = type(model).from_pretrained(tmp_path, attn_implementation=attention, torch_dtype=dtype).eval()
+        loaded.generation_config.pad_token_id = model.generation_config.pad_token_id
+        return loaded
+
+    # float64: an unpadded batch. transformers' eager softmax runs in float32, where float64's mask minimum becomes
+    # -inf, so fully masked (left-padding) rows turn into NaN under eager attention in float64 only.
+    samples = [sample(model, [2, 3], 1, seed=9), sample(model, [4, 1], 1, seed=10)]
+    ids, pixels = torch.stack([i for i, _ in samples]), torch.cat([p for _, p in samples])
+    first = generate(model, ids, pixels).tolist()
+    assert generate(model, ids, pixels).tolist() == first
+    assert generate(load(torch.float64, "eager"), ids, pixels).tolist() == first
+
+    # float32: a left-padded batch with and without images.
+    samples = [sample(model, [6], 0, seed=11), sample(model, [2, 3], 1, seed=12)]
+    ids, mask = left_pad([i for i, _ in samples], model.config.text_config.pad_token_id)
+    pixels = torch.cat([p for _, p in samples]).float()
+    sdpa = generate(load(torch.float32, "sdpa"), ids, pixels, attention_mask=mask).tolist()
+    assert generate(load(torch.float32, "eager"), ids, pixels, attention_mask=mask).tolist() == sdpa
