@@ -53,14 +53,19 @@ def reference(processor, model, image) -> tuple[list[int], str]:
     return _REFERENCE[id(model)]
 
 
-def _generate_reference(processor, model, image) -> tuple[list[int], str]:
-    inputs = processor.apply_chat_template(
+def encode(processor, image):
+    """Model inputs for the one-image chat, as a user builds them."""
+    return processor.apply_chat_template(
         chat({"type": "image", "image": image}),
         add_generation_prompt=True,
         tokenize=True,
         return_dict=True,
         return_tensors="pt",
     )
+
+
+def _generate_reference(processor, model, image) -> tuple[list[int], str]:
+    inputs = encode(processor, image)
     with torch.no_grad():
         out = model.generate(**inputs, **GREEDY)
     new = out[0, inputs["input_ids"].shape[1] :]
@@ -113,13 +118,7 @@ def test_streaming_equals_decode(loaded):
 
     _, processor, model = loaded
     _, expected_text = reference(processor, model, Image.open(IMAGE_PATH))
-    inputs = processor.apply_chat_template(
-        chat({"type": "image", "image": Image.open(IMAGE_PATH)}),
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-    )
+    inputs = encode(processor, Image.open(IMAGE_PATH))
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=120)
     thread = threading.Thread(target=model.generate, kwargs={**inputs, **GREEDY, "streamer": streamer})
     thread.start()
@@ -196,13 +195,7 @@ def test_folder_saved_here_loads_in_other_version(loaded):
     result = json.loads(run.stdout.split("RESULT", 1)[1])
     assert result["version"] != transformers.__version__, "FLORENCE_VL_OTHER_PYTHON runs the same version"
     assert result["processor"] == "FlorenceVLProcessor"
-    inputs = processor.apply_chat_template(
-        chat({"type": "image", "image": Image.open(IMAGE_PATH)}),
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-    )
+    inputs = encode(processor, Image.open(IMAGE_PATH))
     assert result["keys"] == sorted(inputs.keys())
     assert result["input_ids"] == inputs["input_ids"][0].tolist()
     assert result["pixel_sum"] == pytest.approx(float(inputs["pixel_values"].double().sum()), abs=1e-6)
