@@ -6,8 +6,22 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 V4=4.57.6
 V5=5.23.0
-scripts/setup_venv.sh .venv-tf4 "$V4" || exit 1
-scripts/setup_venv.sh .venv-tf5 "$V5" || exit 1
+scripts/setup_venv.sh .venv-tf4 "$V4" requirements-test.txt || exit 1
+# Gradio 6 (the browser demo) needs huggingface_hub >= 1, which only transformers 5.x accepts: app tests run here.
+scripts/setup_venv.sh .venv-tf5 "$V5" requirements-test.txt requirements-app.txt || exit 1
+
+# tests/test_app.py drives Debian's headless chromium through chromedriver. Install both once when missing (as root,
+# with apt); otherwise that test skips and says why.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "Installing chromium and chromium-driver (Debian packages) for the browser test..."
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+        chromium chromium-driver; } >/tmp/florence_vl_apt.log 2>&1 \
+      || echo "apt-get could not install chromium (see /tmp/florence_vl_apt.log): the browser test will skip"
+  else
+    echo "chromium/chromedriver missing and apt-get unavailable (or not root): the browser test will skip"
+  fi
+fi
 status=0
 for pair in "tf4:tf5" "tf5:tf4"; do
   this=${pair%%:*} other=${pair##*:}

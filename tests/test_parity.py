@@ -88,6 +88,9 @@ def test_converted_repo_layout(converted):
     names = {p.name for p in converted.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "README.md", *convert_checkpoint.REPO_FILES} <= names
     assert not any(p.name.endswith(".partial") for p in converted.parent.iterdir())
+    card = (converted / "README.md").read_text()
+    assert card.startswith("---\npipeline_tag: image-text-to-text\nlibrary_name: transformers\n")
+    assert "assets/example.png" in card and (converted / "assets" / "example.png").is_file()  # its snippets run
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])

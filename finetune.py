@@ -1,0 +1,247 @@
+"""Fine-tune Florence-VL on image-question-answer samples with the paper's two-stage recipe (transformers Trainer).
+
+    python finetune.py --model MODEL --data samples.jsonl --output-dir out --stage 2 [--lora]
+    accelerate launch [--config_file fsdp.yaml] finetune.py ...      # several GPUs or processes, same code
+
+--stage 1 trains the whole model; --stage 2 freezes the Florence-2 tower (DaViT tower, its projection and the BART
+encoder that computes the breadth features) and trains the DBFusion projector and the LLM. --lora trains LoRA adapters
+on the LLM's attention projections instead of the LLM (and, in stage 2, the whole DBFusion projector). Labels come from
+the model's own chat template: only the answer tokens and the end-of-turn token after them are trained.
+
+The data file is JSON (a list) or JSONL of {"image": path (relative to the file) or URL, "question": ..., "answer": ...}.
+Without --model it trains the embedded tiny model (random weights), which is what the tests do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+IGNORE_INDEX = -100
+# The Florence-2 side of the model: frozen in stage 2 (the paper's instruction-tuning stage).
+TOWER_MODULES = ("vision_tower", "vision_projector", "breadth_encoder")
+# LLM attention projections for LoRA: Llama's q/k/v/o, Phi-3's fused qkv and o.
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|qkv_proj)$"
+
+
+def load_samples(path: Path) -> list[dict[str, str]]:
+    """The samples of a JSON list or JSONL file, with image paths made absolute (relative to the file)."""
+    text = path.read_text()
+    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+    samples = []
+    for index, row in enumerate(rows):
+        missing = {"image", "question", "answer"} - set(row)
+        if missing:
+            raise ValueError(f"{path}: sample {index} lacks {sorted(missing)}")
+        image = str(row["image"])
+        if not image.startswith(("http://", "https://")) and not Path(image).is_absolute():
+            image = str(path.parent / image)
+        samples.append({"image": image, "question": str(row["question"]), "answer": str(row["answer"])})
+    return samples
+
+
+def chat_messages(sample: dict[str, str], with_answer: bool) -> list[dict[str, Any]]:
+    """The sample as chat messages: the user turn (image + question) and, optionally, the assistant's answer."""
+    messages = [{"role": "user", "content": [{"type": "image", "image": sample["image"]},
+                                              {"type": "text", "text": sample["question"]}]}]
+    if with_answer:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": sample["answer"]}]})
+    return messages
+
+
+def build_example(processor: Any, sample: dict[str, str]) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, pixel_values and labels of one sample; labels are -100 except answer + end of turn."""
+    kwargs = dict(tokenize=True, return_dict=True, return_tensors="pt")
+    prompt = processor.apply_chat_template(chat_messages(sample, False), add_generation_prompt=True, **kwargs)
+    full = processor.apply_chat_template(chat_messages(sample, True), **kwargs)
+    prompt_ids, input_ids = prompt["input_ids"][0], full["input_ids"][0]
+    start = len(prompt_ids)
+    # The rendered answer must extend the rendered prompt token for token, or the mask would be off.
+    if len(input_ids) <= start or not torch.equal(input_ids[:start], prompt_ids):
+        raise ValueError("the chat template's prompt is not a token prefix of prompt + answer; cannot mask labels")
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    end = len(input_ids)
+    # Train the answer and the first special token after it (the end of turn: <|eot_id|>, <|end|>), not what follows.
+    special = set(processor.tokenizer.all_special_ids)
+    for position in range(start, len(input_ids)):
+        if input_ids[position].item() in special:
+            end = position + 1
+            break
+    labels[start:end] = input_ids[start:end]
+    return {"input_ids": input_ids, "attention_mask": full["attention_mask"][0], "pixel_values": full["pixel_values"],
+            "labels": labels}
+
+
+class ChatDataset(torch.utils.data.Dataset):
+    """Samples rendered with the processor's chat template (built once, up front: the data sets here are small)."""
+
+    def __init__(self, processor: Any, samples: list[dict[str, str]]):
+        self.examples = [build_example(processor, sample) for sample in samples]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.examples[index]
+
+
+class Collator:
+    """Right-pads a batch (pad id, attention 0, label -100) and concatenates the images."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        pad = torch.nn.utils.rnn.pad_sequence
+        return {
+            "input_ids": pad([b["input_ids"] for b in batch], batch_first=True, padding_value=self.pad_token_id),
+            "attention_mask": pad([b["attention_mask"] for b in batch], batch_first=True, padding_value=0),
+            "labels": pad([b["labels"] for b in batch], batch_first=True, padding_value=IGNORE_INDEX),
+            "pixel_values": torch.cat([b["pixel_values"] for b in batch]),
+        }
+
+
+def pad_token_id(processor: Any, model: Any) -> int:
+    """The padding id: the tokenizer's, else the LLM config's, else end of sequence."""
+    for candidate in (processor.tokenizer.pad_token_id, model.config.text_config.pad_token_id,
+                      processor.tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def freeze_for_stage(model: Any, stage: int) -> None:
+    """Stage 1: everything trainable. Stage 2: the Florence-2 tower frozen, DBFusion projector + LLM trainable."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    if stage == 2:
+        for name in TOWER_MODULES:
+            getattr(model.model, name).requires_grad_(False)
+
+
+def apply_lora(model: Any, stage: int, rank: int, alpha: int) -> Any:
+    """Wrap the model with PEFT LoRA adapters on the LLM attention projections (the DBFusion projector fully trained)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                        modules_to_save=["dbfusion_projector"] if stage == 2 else None)
+    return get_peft_model(model, config)
+
+
+def training_arguments(args: argparse.Namespace) -> Any:
+    """TrainingArguments of the recipe: gradient checkpointing on, bf16 on GPUs, nothing reported anywhere."""
+    from transformers import TrainingArguments
+
+    use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not args.fp32
+    return TrainingArguments(
+        output_dir=str(args.output_dir),
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        lr_scheduler_type=args.lr_scheduler,
+        warmup_steps=args.warmup_steps,
+        weight_decay=0.0,
+        bf16=use_bf16,
+        gradient_checkpointing=True,
+        # Non-reentrant checkpointing also back-propagates through blocks whose inputs need no grad (frozen tower, LoRA).
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,  # pixel_values and labels are not in the model's signature as the Trainer sees it
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        seed=args.seed,
+        use_cpu=args.cpu,
+        disable_tqdm=True,
+    )
+
+
+def load_model_and_processor(model_path: str, fp32: bool) -> tuple[Any, Any]:
+    """The processor and the model through the Auto classes (remote code), bf16 weights on GPUs."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() and not fp32 else torch.float32
+    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, dtype=dtype)
+    return model, processor
+
+
+def save(trainer: Any, processor: Any, output_dir: Path) -> None:
+    """Save the model (or the LoRA adapter) and the processor so that the Auto classes / PeftModel reload them."""
+    trainer.save_model(str(output_dir))  # handles FSDP / ZeRO-3 state gathering; main process writes
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(str(output_dir))
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="converted Florence-VL folder or Hub id (default: embedded tiny model)")
+    parser.add_argument("--data", type=Path, required=True, help="JSON or JSONL of {image, question, answer}")
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--stage", type=int, choices=(1, 2), default=2, help="1: train all; 2: freeze Florence-2")
+    parser.add_argument("--lora", action="store_true", help="LoRA adapters on the LLM attention instead of the LLM")
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--lora-alpha", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=1e-5, help="paper: 1e-5 (8B), 9e-5 (3B stage 2)")
+    parser.add_argument("--lr-scheduler", default="cosine", help="constant, linear, cosine, ...")
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=1, help="per device")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fp32", action="store_true", help="float32 even on GPUs")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU exists")
+    return parser.parse_args(argv)
+
+
+def train(args: argparse.Namespace, model_path: str) -> Any:
+    """Load, freeze per stage, (optionally) wrap with LoRA, train and save; returns the Trainer."""
+    from transformers import Trainer, set_seed
+
+    set_seed(args.seed)
+    model, processor = load_model_and_processor(model_path, args.fp32)
+    freeze_for_stage(model, args.stage)
+    if args.lora:
+        model = apply_lora(model, args.stage, args.lora_rank, args.lora_alpha)
+    dataset = ChatDataset(processor, load_samples(args.data))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"stage {args.stage}{' + LoRA' if args.lora else ''}: {trainable:,} of {total:,} parameters trainable, "
+          f"{len(dataset)} samples")
+    trainer = Trainer(model=model, args=training_arguments(args), train_dataset=dataset,
+                      data_collator=Collator(pad_token_id(processor, model)))
+    result = trainer.train()
+    print(f"train loss {result.training_loss:.4f} after {result.global_step} steps")
+    save(trainer, processor, args.output_dir)
+    if trainer.is_world_process_zero():
+        print(f"saved to {args.output_dir}")
+    return trainer
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="florence_vl_tiny_") as scratch:
+        model_path = args.model
+        if model_path is None:
+            from ask import materialise_embedded_model
+
+            print("No --model given: fine-tuning the embedded tiny model (random weights).")
+            model_path = str(materialise_embedded_model(Path(scratch) / "tiny-random-florence-vl"))
+        train(args, model_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""app.py for real: the Gradio server in a subprocess on 127.0.0.1, driven by headless Chromium (Debian's chromium +
+chromium-driver, through Selenium). Upload an image, ask, wait for the streamed answer, compare it with generate +
+decode; a follow-up question (multi-turn); the clear button. A screenshot is saved as a test artefact."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, require_fixture
+
+try:
+    import gradio  # noqa: F401
+except ImportError:
+    pytest.skip("gradio is not installed here: it is installed only in the transformers 5.x venv (Gradio 6 needs "
+                "huggingface_hub>=1, which transformers 4.57 rejects); see requirements-app.txt",
+                allow_module_level=True)
+selenium = pytest.importorskip("selenium", reason="selenium is not installed (requirements-test.txt)")
+
+CHROMIUM = Path(os.environ.get("FLORENCE_VL_CHROMIUM", "/usr/bin/chromium"))
+CHROMEDRIVER = Path(os.environ.get("FLORENCE_VL_CHROMEDRIVER", "/usr/bin/chromedriver"))
+if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+    pytest.skip(f"no {CHROMIUM} / {CHROMEDRIVER}: Debian's chromium and chromium-driver could not be installed "
+                "(scripts/test.sh installs them with apt-get when it runs as root with apt available)",
+                allow_module_level=True)
+
+IMAGE_PATH = require_fixture() / "shapes_640x480.png"
+QUESTIONS = ["What is shown in the image?", "And what colour is it?"]
+MAX_NEW_TOKENS = 8
+SERVER_START_S = 180
+ANSWER_S = 120
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_server(url: str, process: subprocess.Popen, log: Path) -> None:
+    """Poll `url` until it answers; fail with the server's log if it exits or takes too long."""
+    deadline = time.monotonic() + SERVER_START_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"app.py exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    pytest.fail(f"app.py did not answer at {url} within {SERVER_START_S}s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_repo_factory, tmp_path_factory):
+    """app.py serving the tiny llama repo; yields its URL, and stops it at the end."""
+    folder = tiny_repo_factory("llama")
+    port = free_port()
+    log = tmp_path_factory.mktemp("app") / "server.log"
+    command = [sys.executable, str(ROOT / "app.py"), "--model", str(folder), "--host", "127.0.0.1",
+               "--port", str(port), "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", "cpu"]
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(ROOT), NO_PROXY="127.0.0.1,localhost")
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for_server(url, process, log)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Debian Chromium through Debian's chromedriver: no network, a fresh profile, nothing downloaded."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    profile = tmp_path_factory.mktemp("chromium_profile")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={profile}", "--window-size=1280,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_repo_factory):
+    """Greedy generate + decode for the same model, image and questions, turn by turn (the expected answers)."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = tiny_repo_factory("llama")
+    processor = AutoProcessor.from_pretrained(str(folder), trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(str(folder), trust_remote_code=True).eval()
+    image = Image.open(IMAGE_PATH).convert("RGB")
+    messages, answers = [], []
+    for turn, question in enumerate(QUESTIONS):
+        content = ([{"type": "image", "image": image}] if turn == 0 else []) + [{"type": "text", "text": question}]
+        messages.append({"role": "user", "content": content})
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        answers.append(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answers[-1]}]})
+    return answers
+
+
+def artifacts_dir(tmp_path_factory) -> Path:
+    """Where screenshots go: $FLORENCE_VL_ARTIFACTS when set, else this session's pytest temporary folder."""
+    folder = Path(os.environ["FLORENCE_VL_ARTIFACTS"]) if os.environ.get("FLORENCE_VL_ARTIFACTS") else \
+        tmp_path_factory.mktemp("artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def ask(driver, question: str, expected: str) -> str:
+    """Type `question`, press Send, and wait until the streamed answer is complete; returns the plain-text answer."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    box = driver.find_element(By.CSS_SELECTOR, "#question textarea")
+    box.clear()
+    box.send_keys(question)
+    driver.find_element(By.CSS_SELECTOR, "#send").click()
+
+    def answer_text() -> str:
+        return driver.find_element(By.CSS_SELECTOR, "#answer textarea").get_attribute("value") or ""
+
+    def finished(d) -> bool:
+        # Done when this question is in the chat, Gradio shows no progress any more, and the answer is complete
+        # (two turns may give the same text, so the answer box alone cannot tell the turns apart).
+        chat = d.find_element(By.CSS_SELECTOR, "#chatbot").text
+        return question in chat and "processing" not in chat and answer_text() == expected
+
+    try:
+        WebDriverWait(driver, ANSWER_S, poll_frequency=0.2).until(finished)
+    except TimeoutException:
+        pass  # the assertions of the caller report what arrived instead
+    return answer_text()
+
+
+def test_chat_in_the_browser(server, browser, reference, tmp_path_factory):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server)
+    wait = WebDriverWait(browser, 60)
+    upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#image input[type=file]")))
+    upload.send_keys(str(IMAGE_PATH))
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#image img")))  # the uploaded preview
+
+    first = ask(browser, QUESTIONS[0], reference[0])
+    assert first == reference[0]
+    chat_text = browser.find_element(By.CSS_SELECTOR, "#chatbot").text
+    assert QUESTIONS[0] in chat_text
+
+    second = ask(browser, QUESTIONS[1], reference[1])  # the follow-up continues the same conversation
+    assert second == reference[1]
+    assert QUESTIONS[1] in browser.find_element(By.CSS_SELECTOR, "#chatbot").text
+
+    screenshot = artifacts_dir(tmp_path_factory) / "app_chat.png"
+    assert browser.save_screenshot(str(screenshot))
+    print(f"\nscreenshot: {screenshot}")
+    shutil.copy(screenshot, screenshot.with_name("app_chat_latest.png"))
+
+    browser.find_element(By.CSS_SELECTOR, "#clear").click()
+    WebDriverWait(browser, 30).until(lambda d: QUESTIONS[0] not in d.find_element(By.CSS_SELECTOR, "#chatbot").text)
+    assert browser.find_element(By.CSS_SELECTOR, "#answer textarea").get_attribute("value") == ""

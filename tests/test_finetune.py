@@ -1,0 +1,179 @@
+"""finetune.py on the tiny model (CPU): label masking, stage 1 / stage 2 training, saved checkpoints and LoRA adapters
+that reload with identical logits, and the same script under `accelerate launch` with two processes (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, require_fixture
+
+import finetune
+
+FIXTURE = require_fixture()
+SAMPLES = [
+    {"image": "shapes_640x480.png", "question": "What is shown in the image?", "answer": "Colored shapes on white."},
+    {"image": "gradient_gray_256.png", "question": "Describe the image.", "answer": "A gray gradient."},
+    {"image": "noise_300x500.png", "question": "What is this?", "answer": "Random noise."},
+]
+TRAIN_FLAGS = ["--max-steps", "3", "--batch-size", "3", "--learning-rate", "1e-3", "--lr-scheduler", "constant",
+               "--cpu"]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    """A JSONL file of the samples; images are given relative to the file, as users write them."""
+    folder = tmp_path_factory.mktemp("finetune_data")
+    for sample in SAMPLES:
+        (folder / sample["image"]).write_bytes((FIXTURE / sample["image"]).read_bytes())
+    path = folder / "samples.jsonl"
+    path.write_text("".join(json.dumps(sample) + "\n" for sample in SAMPLES))
+    return path
+
+
+def batch_of(processor, data_file: Path) -> dict[str, torch.Tensor]:
+    """All samples as one padded training batch."""
+    dataset = finetune.ChatDataset(processor, finetune.load_samples(data_file))
+    return finetune.Collator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+
+
+def eval_loss(model, batch: dict[str, torch.Tensor]) -> float:
+    """The loss on `batch` in eval mode (no dropout), so that before and after are comparable."""
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+def load(folder: Path):
+    """Model and processor through the Auto classes with remote code, as users load them."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(folder), trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(str(folder), trust_remote_code=True).eval()
+    return model, processor
+
+
+def run_training(folder: Path, data_file: Path, output_dir: Path, *flags: str):
+    """finetune.train in this process (the CLI's code path) and the Trainer it returns."""
+    args = finetune.parse_args(["--model", str(folder), "--data", str(data_file), "--output-dir", str(output_dir),
+                                *TRAIN_FLAGS, *flags])
+    return finetune.train(args, str(folder))
+
+
+@pytest.mark.parametrize("llm,end_of_turn", [("llama", "<|eot_id|>"), ("phi3", "<|end|>")])
+def test_labels_are_the_answer_and_end_of_turn_only(tiny_repo_factory, data_file, llm, end_of_turn):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(tiny_repo_factory(llm)), trust_remote_code=True)
+    sample = finetune.load_samples(data_file)[0]
+    example = finetune.build_example(processor, sample)
+    ids, labels = example["input_ids"], example["labels"]
+    trained = labels != finetune.IGNORE_INDEX
+    # One contiguous span, at the same positions as the ids, decoding to exactly answer + end of turn.
+    positions = trained.nonzero().flatten().tolist()
+    assert positions == list(range(positions[0], positions[-1] + 1))
+    assert torch.equal(labels[trained], ids[trained])
+    assert processor.tokenizer.decode(labels[trained]) == sample["answer"] + end_of_turn
+    # Everything before the span is the rendered prompt (system, user turn, image, assistant header).
+    rendered = processor.apply_chat_template(finetune.chat_messages(sample, True))
+    prompt = processor.apply_chat_template(finetune.chat_messages(sample, False), add_generation_prompt=True)
+    assert rendered.startswith(prompt) and rendered[len(prompt):].startswith(sample["answer"] + end_of_turn)
+    assert (ids[: positions[0]] == processor.image_token_id).sum().item() == processor.image_seq_length
+    assert example["pixel_values"].shape[0] == 1
+
+
+def test_stage1_trains_everything_and_lowers_the_loss(tiny_repo_factory, data_file, tmp_path):
+    folder = tiny_repo_factory("llama")
+    before_model, processor = load(folder)
+    batch = batch_of(processor, data_file)
+    before = eval_loss(before_model, batch)
+    # One step: back-propagating through the DaViT tower at 768x768 is the slow part on CPUs (most under 5.x).
+    trainer = run_training(folder, data_file, tmp_path / "stage1", "--stage", "1", "--max-steps", "1")
+    model = trainer.model
+    assert all(p.requires_grad for p in model.parameters())
+    assert model.is_gradient_checkpointing
+    assert eval_loss(model, batch) < before
+    tower_before = before_model.model.vision_tower.state_dict()
+    assert any(not torch.equal(v, model.model.vision_tower.state_dict()[k]) for k, v in tower_before.items())
+
+
+def test_stage2_freezes_the_tower_and_checkpoint_reloads(tiny_repo_factory, data_file, tmp_path):
+    folder = tiny_repo_factory("llama")
+    before_model, processor = load(folder)
+    batch = batch_of(processor, data_file)
+    before = eval_loss(before_model, batch)
+    trainer = run_training(folder, data_file, tmp_path / "stage2", "--stage", "2")
+    model = trainer.model
+    assert eval_loss(model, batch) < before
+
+    old, new = before_model.state_dict(), model.state_dict()
+    tower = [k for k in old if any(f"model.{m}." in k for m in finetune.TOWER_MODULES)]
+    trained = [k for k in old if "dbfusion_projector" in k or "language_model" in k or k.startswith("lm_head")]
+    assert tower and trained
+    assert all(torch.equal(old[k], new[k]) for k in tower), "stage 2 changed Florence-2 tower weights"
+    assert all(not torch.equal(old[k], new[k]) for k in trained if k.endswith("weight") and "norm" not in k)
+
+    reloaded, reloaded_processor = load(tmp_path / "stage2")
+    auto_map = json.loads((tmp_path / "stage2" / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForImageTextToText"] == "modeling_florence_vl.FlorenceVLForConditionalGeneration"
+    assert eval_loss(reloaded, batch) == eval_loss(model, batch)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, model(**batch).logits)
+    assert reloaded_processor.apply_chat_template(finetune.chat_messages(SAMPLES[0], False)) == \
+        processor.apply_chat_template(finetune.chat_messages(SAMPLES[0], False))
+
+
+def test_lora_adapter_saves_and_reloads(tiny_repo_factory, data_file, tmp_path):
+    from peft import PeftModel
+
+    folder = tiny_repo_factory("llama")
+    base, processor = load(folder)
+    batch = batch_of(processor, data_file)
+    before = eval_loss(base, batch)
+    trainer = run_training(folder, data_file, tmp_path / "lora", "--stage", "2", "--lora", "--lora-rank", "4")
+    model = trainer.model
+    assert isinstance(model, PeftModel)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "dbfusion_projector" in n for n in trainable)
+    assert any("self_attn.q_proj.lora_A" in n for n in trainable)
+    assert eval_loss(model, batch) < before
+    assert (tmp_path / "lora" / "adapter_config.json").is_file()
+
+    fresh_base, _ = load(folder)
+    reloaded = PeftModel.from_pretrained(fresh_base, str(tmp_path / "lora")).eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, model(**batch).logits)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for the process group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_accelerate_launch_two_processes(tiny_repo_factory, data_file, tmp_path):
+    folder = tiny_repo_factory("llama")
+    accelerate = Path(sys.executable).parent / "accelerate"
+    # accelerate's torchrun launcher (--multi_gpu) + --cpu (Trainer's use_cpu): DDP over gloo, two CPU processes.
+    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               str(ROOT / "finetune.py"), "--model", str(folder), "--data", str(data_file),
+               "--output-dir", str(tmp_path / "ddp"), "--stage", "2", "--max-steps", "2", "--batch-size", "1",
+               "--learning-rate", "1e-3", "--lr-scheduler", "constant", "--cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert output.count("train loss") == 2, output[-4000:]  # both ranks trained
+    # 3 samples, 1 per rank and step: with two ranks one step is half an epoch (alone it would be a third).
+    assert "'epoch': 0.5" in output or "'epoch': '0.5'" in output, output[-4000:]
+    load(tmp_path / "ddp")
