@@ -604,9 +604,10 @@ def assign_shards(mapped: list[PlannedTensor], requested: Optional[torch.dtype],
 
 
 class TensorReader:
-    """Reads source tensors one at a time, keeping at most one .bin file mapped (safetensors files are mmapped)."""
+    """Reads source tensors one at a time and closes each file after its last tensor (its pages leave memory)."""
 
-    def __init__(self) -> None:
+    def __init__(self, planned: list[PlannedTensor]) -> None:
+        self._remaining = Counter(p.source.file for p in planned)
         self._handles: dict[Path, Any] = {}
         self._bin: tuple[Optional[Path], dict[str, torch.Tensor]] = (None, {})
 
@@ -622,29 +623,55 @@ class TensorReader:
             if self._bin[0] != source.file:
                 self._bin = (source.file, load_bin(source.file))
             tensor = self._bin[1][source.key]
+        self._remaining[source.file] -= 1
+        if not self._remaining[source.file]:
+            self._handles.pop(source.file, None)
+            if self._bin[0] == source.file:
+                self._bin = (None, {})
         if tuple(tensor.shape) != source.shape:
             raise ConversionError(f"{source.file}: {source.key} has shape {list(tensor.shape)}, expected {list(source.shape)}")
         return tensor
 
 
+def safetensors_header(entries: list[tuple[str, tuple[int, ...], torch.dtype]]) -> bytes:
+    """The header of a safetensors file holding `entries` in this order (8-byte length + JSON, 8-aligned)."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in entries:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
 def write_weights(shards: list[list[PlannedTensor]], folder: Path, requested: Optional[torch.dtype]) -> int:
-    """Write the safetensors shards (and the index when there are several); returns the total bytes written."""
-    from safetensors.torch import save_file
+    """Write the safetensors shards (and the index when there are several); returns the total bytes written.
+
+    Each shard is streamed: its header is known from the plan, so tensors are written one at a time as they are
+    read (safetensors' own writer needs the whole shard in memory); memory stays about one tensor plus one source file.
+    """
     from tqdm.auto import tqdm
 
-    reader, weight_map, total = TensorReader(), {}, 0
+    reader, weight_map, total = TensorReader([p for shard in shards for p in shard]), {}, 0
     for number, shard in enumerate(shards, start=1):
         name = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for planned in tqdm(shard, desc=f"shard {number}/{len(shards)}", unit="tensor", file=sys.stdout):
-            tensor = reader.get(planned.source)
-            if planned.transform:
-                tensor = TRANSFORMS[planned.transform](tensor)
-            tensors[planned.target] = tensor.to(output_dtype(tensor.dtype, requested)).contiguous()
-            weight_map[planned.target] = name
-            total += tensors[planned.target].numel() * tensors[planned.target].element_size()
-        save_file(tensors, str(folder / name), metadata={"format": "pt"})
-        del tensors  # memory stays around one shard
+        entries = [(p.target, p.shape, output_dtype(p.source.dtype, requested)) for p in shard]
+        with open(folder / name, "wb") as file:
+            file.write(safetensors_header(entries))
+            for planned in tqdm(shard, desc=f"shard {number}/{len(shards)}", unit="tensor", file=sys.stdout):
+                tensor = reader.get(planned.source)
+                if planned.transform:
+                    tensor = TRANSFORMS[planned.transform](tensor)
+                tensor = tensor.to(output_dtype(tensor.dtype, requested)).contiguous()
+                if tuple(tensor.shape) != planned.shape:
+                    raise ConversionError(f"{planned.target}: got shape {list(tensor.shape)}, planned {list(planned.shape)}")
+                data = tensor.reshape(-1).view(torch.uint8) if tensor.numel() else tensor.new_empty(0, dtype=torch.uint8)
+                file.write(memoryview(data.numpy()))  # no extra copy of the tensor
+                weight_map[planned.target] = name
+                total += tensor.numel() * tensor.element_size()
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
