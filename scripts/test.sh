@@ -26,6 +26,6 @@ status=0
 for pair in "tf4:tf5" "tf5:tf4"; do
   this=${pair%%:*} other=${pair##*:}
   echo "=== pytest under $(.venv-$this/bin/python -c 'import transformers; print("transformers", transformers.__version__)')"
-  FLORENCE_VL_OTHER_PYTHON="$PWD/.venv-$other/bin/python" .venv-$this/bin/python -m pytest tests -q -p no:cacheprovider "$@" || status=1
+  FLORENCE_VL_OTHER_PYTHON="$PWD/.venv-$other/bin/python" .venv-$this/bin/python -m pytest tests -q -rs -p no:cacheprovider "$@" || status=1
 done
 exit $status
