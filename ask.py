@@ -43,7 +43,7 @@ def answer(model: str, image: str, question: str, max_new_tokens: int = 64, devi
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    pipe = pipeline("image-text-to-text", model=model, trust_remote_code=True, device=device, torch_dtype=dtype)
+    pipe = pipeline("image-text-to-text", model=model, trust_remote_code=True, device=device, dtype=dtype)
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
     output = pipe(text=messages, max_new_tokens=max_new_tokens, return_full_text=False, generate_kwargs={"do_sample": False})
     return output[0]["generated_text"]

@@ -292,7 +292,7 @@ def test_cli_summary_dtype_and_sharding(tmp_path):
             assert size <= 2_000_000 + 100_000 or len(list(shard.keys())) == 1
     assert index["metadata"]["total_size"] == total
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    model = transformers.AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True, torch_dtype="auto")
+    model = transformers.AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True, dtype="auto")
     assert model.dtype == torch.bfloat16
 
 

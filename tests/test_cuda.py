@@ -40,8 +40,8 @@ def load(folder, **kwargs) -> FlorenceVLForConditionalGeneration:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_generate_on_cuda(saved, dtype):
-    reference = load(saved, torch_dtype=torch.float32).to("cuda")
-    model = load(saved, torch_dtype=dtype).to("cuda")
+    reference = load(saved, dtype=torch.float32).to("cuda")
+    model = load(saved, dtype=dtype).to("cuda")
     with torch.no_grad():
         expected = reference(**inputs("cuda")).logits[0, -1].float()
         logits = model(**inputs("cuda", dtype)).logits[0, -1].float()
@@ -53,14 +53,14 @@ def test_half_precision_generate_on_cuda(saved, dtype):
 
 
 def test_sdpa_and_eager_agree_on_cuda(saved):
-    sdpa = load(saved, torch_dtype=torch.float32, attn_implementation="sdpa").to("cuda")
-    eager = load(saved, torch_dtype=torch.float32, attn_implementation="eager").to("cuda")
+    sdpa = load(saved, dtype=torch.float32, attn_implementation="sdpa").to("cuda")
+    eager = load(saved, dtype=torch.float32, attn_implementation="eager").to("cuda")
     with torch.no_grad():
         torch.testing.assert_close(sdpa(**inputs("cuda")).logits, eager(**inputs("cuda")).logits, atol=2e-4, rtol=1e-4)
 
 
 def test_device_map_auto_places_the_model_on_the_gpu(saved):
-    model = load(saved, torch_dtype=torch.bfloat16, device_map="auto")
+    model = load(saved, dtype=torch.bfloat16, device_map="auto")
     assert {p.device.type for p in model.parameters()} == {"cuda"}
     tokens = model.generate(**inputs("cuda", torch.bfloat16), max_new_tokens=4, do_sample=False)
     assert tokens.device.type == "cuda"

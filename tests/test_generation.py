@@ -111,7 +111,7 @@ def test_greedy_tokens_agree_across_runs_and_attention_backends(model, tmp_path)
     model.save_pretrained(tmp_path)
 
     def load(dtype, attention):
-        loaded = type(model).from_pretrained(tmp_path, attn_implementation=attention, torch_dtype=dtype).eval()
+        loaded = type(model).from_pretrained(tmp_path, attn_implementation=attention, dtype=dtype).eval()
         loaded.generation_config.pad_token_id = model.generation_config.pad_token_id
         return loaded
 

@@ -75,7 +75,7 @@ def test_vision2seq_exists_only_in_v4():
 def test_loading_in_float64_and_with_eager_attention(saved):
     folder, model = saved
     reloaded = transformers.AutoModelForImageTextToText.from_pretrained(
-        folder, trust_remote_code=True, torch_dtype=torch.float64, attn_implementation="eager"
+        folder, trust_remote_code=True, dtype=torch.float64, attn_implementation="eager"
     )
     assert reloaded.dtype == torch.float64
     assert reloaded.config.text_config._attn_implementation == "eager"

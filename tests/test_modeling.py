@@ -162,7 +162,7 @@ def test_fused_features_choose_and_order_the_projector_input():
 def test_sdpa_and_eager_attention_agree(llm, tmp_path):
     sdpa = build(llm)
     sdpa.save_pretrained(tmp_path)
-    eager = type(sdpa).from_pretrained(tmp_path, attn_implementation="eager", torch_dtype=torch.float64).eval()
+    eager = type(sdpa).from_pretrained(tmp_path, attn_implementation="eager", dtype=torch.float64).eval()
     assert sdpa.config.text_config._attn_implementation == "sdpa"
     assert eager.config.text_config._attn_implementation == "eager"
     inputs = dict(input_ids=prompt(sdpa, 4, "image", 5), pixel_values=images(1))

@@ -56,7 +56,7 @@ def cases() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def model(converted):
-    return AUTO_CLASS.from_pretrained(converted, trust_remote_code=True, torch_dtype=torch.float64).eval()
+    return AUTO_CLASS.from_pretrained(converted, trust_remote_code=True, dtype=torch.float64).eval()
 
 
 @pytest.fixture(scope="module")
