@@ -17,6 +17,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# The ground truth: ../shared/fixtures/florence_vl_tiny_llama (the original code's outputs); CI clones next to it.
 SHARED = Path(os.environ.get("FLORENCE_VL_SHARED", ROOT.parent / "shared"))
 FIXTURE = SHARED / "fixtures" / "florence_vl_tiny_llama"
 
