@@ -678,45 +678,24 @@ def write_weights(shards: list[list[PlannedTensor]], folder: Path, requested: Op
     return total
 
 
-def load_tokenizer(src: Path, text_config: Any) -> Any:
-    """The release's LLM tokenizer (given the LLM config: transformers cannot parse a `llava_*` config.json)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(src), config=text_config)
-    except Exception as error:
-        raise ConversionError(f"the LLM tokenizer in {src} could not be loaded ({type(error).__name__}: {error})") from None
-
-
 def chat_template(name: str) -> Optional[str]:
     """The release's prompt format from chat_templates/<name>.jinja (None when the file is missing)."""
     path = ROOT / "chat_templates" / f"{name}.jinja"
     return path.read_text() if path.is_file() else None
 
 
-def write_processor(tokenizer: Any, folder: Path, template: Optional[str], image_seq_length: int) -> int:
-    """Save the processor (image processor, tokenizer with `<image>`, chat template); returns the image token id."""
-    try:
-        from florence_vl.processing_florence_vl import FlorenceVLProcessor, default_image_processor
-    except ImportError:  # processor not available: tokenizer only, with the placeholder and the template
-        from transformers import AddedToken
+def build_processor(src: Path, text_config: Any, model_type: str, image_seq_length: int) -> Any:
+    """The processor: the release's LLM tokenizer (the processor adds `<image>`), Florence-2 images, chat template."""
+    from transformers import AutoTokenizer
 
-        tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
-        tokenizer.chat_template = template
-        tokenizer.save_pretrained(str(folder))
-        return tokenizer.convert_tokens_to_ids("<image>")
-    processor = FlorenceVLProcessor(
-        image_processor=default_image_processor(), tokenizer=tokenizer, chat_template=template,
-        image_seq_length=image_seq_length,
-    )
-    processor.save_pretrained(str(folder))
-    return processor.image_token_id
+    from florence_vl.processing_florence_vl import FlorenceVLProcessor
 
-
-def image_token_id_for(tokenizer: Any) -> int:
-    """The id `<image>` gets (or has) in the tokenizer: the first id past the tokenizer's vocabulary."""
-    vocab = tokenizer.get_vocab()
-    return vocab["<image>"] if "<image>" in vocab else len(tokenizer)
+    try:  # given the LLM config: transformers cannot parse a `llava_*` config.json
+        tokenizer = AutoTokenizer.from_pretrained(str(src), config=text_config)
+    except Exception as error:
+        raise ConversionError(f"the LLM tokenizer in {src} could not be loaded ({type(error).__name__}: {error})") from None
+    template = chat_template(SUPPORTED[model_type][1])
+    return FlorenceVLProcessor(tokenizer=tokenizer, chat_template=template, image_seq_length=image_seq_length)
 
 
 def write_generation_config(src: Path, release: dict[str, Any], folder: Path) -> None:
@@ -823,9 +802,10 @@ def convert(src: str, out: Optional[str], vision_tower: Optional[str] = None, dt
     source = read_source(src, vision_tower, dry_run)
     model_type = source.release["model_type"]
     config = build_config(source.release, source.vision, source.encoder)
-    tokenizer = None if dry_run else load_tokenizer(source.folder, config.text_config)
-    if tokenizer is not None:
-        config.image_token_id = image_token_id_for(tokenizer)
+    processor = None
+    if not dry_run:
+        processor = build_processor(source.folder, config.text_config, model_type, config.image_seq_length)
+        config.image_token_id = processor.image_token_id  # the id the processor's tokenizer gives `<image>`
     expected, optional = target_shapes(config)
     plan = build_plan(source.tensors, expected, optional, source.excluded)
     shards = assign_shards(plan.mapped, requested, max_bytes)
@@ -841,9 +821,7 @@ def convert(src: str, out: Optional[str], vision_tower: Optional[str] = None, dt
     try:
         print(f"Converting {src} ({model_type}) -> {out_path}")
         write_weights(shards, staging, requested)
-        token_id = write_processor(tokenizer, staging, chat_template(SUPPORTED[model_type][1]), config.image_seq_length)
-        if token_id != config.image_token_id:  # the processor is the authority on the placeholder's id
-            config.image_token_id = token_id
+        processor.save_pretrained(str(staging))
         write_config(config, staging, dtype_name)
         write_generation_config(source.folder, source.release, staging)
         for name in REPO_FILES:

@@ -131,7 +131,7 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise cc.ConversionError("simulated failure after the weights were written")
 
-    monkeypatch.setattr(cc, "write_processor", broken)
+    monkeypatch.setattr(cc, "write_config", broken)
     with pytest.raises(cc.ConversionError, match="simulated"):
         cc.convert(str(require_fixture() / "original_checkpoint"), str(tmp_path / "out"))
     assert list(tmp_path.iterdir()) == []
