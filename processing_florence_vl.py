@@ -329,14 +329,6 @@ class FlorenceVLProcessor(ProcessorMixin):
             _CHAT_ADD_SPECIAL_TOKENS.reset(token)
 
     # ------------------------------------------------------------------ decoding
-    def batch_decode(self, *args, **kwargs) -> list[str]:
-        """Forwarded to the tokenizer's `batch_decode`."""
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs) -> str:
-        """Forwarded to the tokenizer's `decode`."""
-        return self.tokenizer.decode(*args, **kwargs)
-
     def post_process_image_text_to_text(
         self, generated_outputs: Any, skip_special_tokens: bool = True, **kwargs
     ) -> list[str]:
