@@ -94,6 +94,28 @@ def test_llm_runs_a_registered_attention_backend_and_only_the_llm(model):
     assert generate(served, inputs) == generate(model, inputs)
 
 
+def test_llm_flex_attention_gives_sdpa_outputs(model):
+    """torch's flex attention (the other engine-facing backend, installed with torch) given to the LLM: same logits on
+    a left-padded batch, same greedy tokens. It compiles its kernel, hence seconds on CPU."""
+    backends = {"": "sdpa", "vision_config": "sdpa", "encoder_config": "sdpa", "text_config": "flex_attention"}
+    flex = type(model)._from_config(copy.deepcopy(model.config), attn_implementation=backends).eval()
+    flex.load_state_dict(model.state_dict())
+    flex.generation_config.pad_token_id = model.generation_config.pad_token_id
+    assert flex.model.language_model.config._attn_implementation == "flex_attention"
+    single = prompt(model, seed=4)
+    pad = model.generation_config.pad_token_id
+    padded = {"input_ids": torch.cat([torch.full((1, 3), pad), single["input_ids"][:, 3:]], 1),
+              "attention_mask": torch.cat([torch.zeros(1, 3, dtype=torch.long), single["attention_mask"][:, 3:]], 1)}
+    batch = {"input_ids": torch.cat([single["input_ids"], padded["input_ids"]]),
+             "attention_mask": torch.cat([single["attention_mask"], padded["attention_mask"]]),
+             "pixel_values": single["pixel_values"].repeat(2, 1, 1, 1)}
+    with torch.no_grad():
+        expected, got = model(**batch).logits, flex(**batch).logits
+    mask = batch["attention_mask"].bool()  # padded positions attend to nothing: their logits are arbitrary
+    torch.testing.assert_close(got[mask], expected[mask])
+    assert generate(flex, single) == generate(model, single)
+
+
 def test_benchmark_tiny_dimensions_are_the_tests_ones():
     assert benchmark.TINY == {"vision": TINY_VISION, "encoder": TINY_ENCODER, "text": TINY_TEXT["llama"]}
 
