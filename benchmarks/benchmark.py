@@ -280,6 +280,25 @@ def breadth_loop(model, depth: torch.Tensor) -> dict[str, torch.Tensor]:
     return {task: torch.cat(parts) for task, parts in out.items()}
 
 
+def encoder_flops(model, sequences: int) -> float:
+    """Multiply-add FLOPs of one breadth encoder pass over `sequences` x [V ; prompt] (projections, FFN, attention)."""
+    config = model.config
+    enc = config.encoder_config
+    length = config.image_seq_length + max(len(p["input_ids"]) for p in config.florence_prompts.values())
+    d, ffn = enc.d_model, enc.encoder_ffn_dim
+    per_layer = 2 * length * d * d * 4 + 2 * length * d * ffn * 2 + 2 * 2 * length * length * d
+    return float(sequences * enc.encoder_layers * per_layer)
+
+
+@torch.no_grad()
+def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 3) -> float:
+    """FLOP/s of a large square matrix product on this device and dtype: what compute-bound code can reach."""
+    n = 4096 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    timed(lambda: a @ b, device)
+    return 2 * n**3 / min(timed(lambda: a @ b, device)[0] for _ in range(repeats))
+
+
 @torch.no_grad()
 def ratio_breadth(model, batch: int, repeats: int) -> dict:
     """Batched breadth pass vs the per-image, per-prompt loop, interleaved on the same weights and inputs."""
@@ -292,8 +311,11 @@ def ratio_breadth(model, batch: int, repeats: int) -> dict:
         batched.append(timed(lambda: model.model.get_breadth_features(depth), device)[0])
         loop.append(timed(lambda: breadth_loop(model, depth), device)[0])
     ratio = median([a / b for a, b in zip(loop, batched)])  # paired: neighbours in time share the machine's load
-    return {"batched": median(batched), "loop": median(loop), "ratio": ratio,
-            "max_abs_diff": error, "runs": repeats, "batch": batch}
+    # Both paths do the same FLOPs, so batching can at best lift the loop's rate to the matmul peak.
+    flops, peak = encoder_flops(model, batch * len(model.config.breadth_prompts)), matmul_peak(device, depth.dtype)
+    return {"batched": median(batched), "loop": median(loop), "ratio": ratio, "flops": flops, "peak_flops": peak,
+            "batched_flops": flops / median(batched), "loop_flops": flops / median(loop),
+            "ceiling": peak * median(loop) / flops, "max_abs_diff": error, "runs": repeats, "batch": batch}
 
 
 def crop_cache(cache, length: int) -> None:
@@ -523,7 +545,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         results["breadth"] = r
         print(f"\nBreadth ({args.ratio_size}, batch {r['batch']}, 3 prompts): batched pass {fmt_ms(r['batched'])} ms, "
               f"loop per image and prompt {fmt_ms(r['loop'])} ms -> {r['ratio']:.2f}x faster "
-              f"(max |diff| {r['max_abs_diff']:.1e}; median of {r['runs']} paired runs)")
+              f"(max |diff| {r['max_abs_diff']:.1e}; median of {r['runs']} paired runs)\n"
+              f"  {r['flops'] / 1e9:.1f} GFLOP per pass: batched {r['batched_flops'] / 1e9:.0f} GFLOP/s, loop "
+              f"{r['loop_flops'] / 1e9:.0f} GFLOP/s, matmul peak here {r['peak_flops'] / 1e9:.0f} GFLOP/s "
+              f"-> no exact batching can beat the loop by more than {r['ceiling']:.2f}x on this machine")
     if "decode" in ratios:
         r = ratio_decode(model, 1, args.repeats, args.new_tokens)
         results["decode"] = r

@@ -1,5 +1,6 @@
 """Fast paths compute what the plain ones compute: static KV cache (and a fully traced decode step) give the dynamic
-cache's tokens, and the benchmark script still runs (its naive breadth loop agreeing with the batched pass)."""
+cache's tokens, engine-facing attention backends compute sdpa's outputs, and the benchmark script still runs (its
+naive breadth loop agreeing with the batched pass, its FLOP count agreeing with torch's)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 import torch
 import transformers
 from conftest import ROOT, TINY_ENCODER, TINY_TEXT, TINY_VISION, tiny_config
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AttentionInterface, CompileConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -134,7 +137,18 @@ def test_benchmark_smoke_runs_on_tiny(tmp_path):
         assert line in text, line
     results = __import__("json").loads((tmp_path / "results.json").read_text())
     assert results["breadth"]["max_abs_diff"] < 1e-5
+    assert "no exact batching can beat the loop by more than" in text and results["breadth"]["ceiling"] > 0
     assert results["convert"]["largest_shard"] > 0
+
+
+def test_benchmark_breadth_flops_match_torch_flop_counter():
+    """The FLOP count behind the printed breadth ceiling equals what torch counts in the real pass (SDPA's math
+    kernel, so that its matrix products are visible to the counter)."""
+    model = benchmark.build_model("tiny", torch.device("cpu"), torch.float32)
+    depth = torch.randn(2, model.config.image_seq_length, model.config.vision_config.projection_dim)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model.model.get_breadth_features(depth)
+    assert benchmark.encoder_flops(model, 2 * len(model.config.breadth_prompts)) == counter.get_total_flops()
 
 
 def test_benchmark_refuses_real_sizes_on_cpu():
