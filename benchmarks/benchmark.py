@@ -80,6 +80,7 @@ REAL_TEXT = {
                rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=32000, pad_token_id=32000),
 }
 SIZES = ("tiny", "base", "3b", "8b")
+RATIOS = ("breadth", "decode", "static", "load", "convert")
 
 
 def build_config(size: str) -> FlorenceVLConfig:
@@ -364,6 +365,58 @@ def ratio_decode(model, batch: int, repeats: int, new_tokens: int) -> dict:
             "cache_length": length, "batch": batch}
 
 
+@torch.no_grad()
+def copy_bandwidth(device: torch.device, repeats: int = 5) -> float:
+    """Bytes/s of a large on-device copy (read + write): the memory bandwidth a decode step can use."""
+    source = torch.empty(2**28, dtype=torch.float32, device=device).fill_(1.0)  # 1 GiB
+    target = torch.empty_like(source)
+    timed(lambda: target.copy_(source), device)
+    return 2 * source.nbytes / min(timed(lambda: target.copy_(source), device)[0] for _ in range(repeats))
+
+
+def decode_bytes_per_token(model, cache_length: int) -> float:
+    """Bytes one batch-1 decode step must read: the LLM's weights (but one embedding row) and the KV cache."""
+    llm, text = model.model.language_model, model.config.text_config
+    weights = {id(p): p.nbytes for p in [*llm.parameters(), *model.lm_head.parameters()]}  # tied ones once
+    embedding = llm.get_input_embeddings().weight
+    if embedding is not model.lm_head.weight:  # untied: a step reads only the looked-up row
+        weights.pop(id(embedding))
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * cache_length * embedding.element_size()
+    return float(sum(weights.values()) + kv)
+
+
+@torch.no_grad()
+def ratio_static(model, repeats: int, new_tokens: int, backend: str) -> dict:
+    """Batch-1 greedy decode with a static cache and torch.compile vs the dynamic cache, against the bandwidth bound.
+
+    The first compiled `generate` compiles (not timed); tokens of both paths must agree. The bound is the measured
+    copy bandwidth divided by the bytes a step reads: no batch-1 decode step can be faster.
+    """
+    from transformers import CompileConfig
+
+    inputs = sample_inputs(model, 1)
+    compile_config = CompileConfig(backend=backend)
+    compile_config._compile_all_devices = True  # generate compiles on CUDA only unless told otherwise
+    static = {"cache_implementation": "static", "compile_config": compile_config}
+    start = time.perf_counter()
+    options = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    compiled_tokens = model.generate(**inputs, **static, **options)
+    compile_seconds = time.perf_counter() - start
+    dynamic_tokens = model.generate(**inputs, **options)
+    dynamic, compiled = [], []
+    for _ in range(repeats):
+        dynamic.append(median(decode_step_times(model, inputs, new_tokens)[1]))
+        compiled.append(median(decode_step_times(model, inputs, new_tokens, **static)[1]))
+    length = inputs["input_ids"].shape[1] + new_tokens // 2
+    bytes_per_token, bandwidth = decode_bytes_per_token(model, length), copy_bandwidth(model.device)
+    bound = bandwidth / bytes_per_token
+    return {"dynamic_tok_s": 1 / median(dynamic), "static_tok_s": 1 / median(compiled), "bound_tok_s": bound,
+            "fraction_of_bound": 1 / median(compiled) / bound, "bytes_per_token": bytes_per_token,
+            "bandwidth": bandwidth, "same_tokens": bool(torch.equal(compiled_tokens, dynamic_tokens)),
+            "compile_seconds": compile_seconds, "backend": backend, "runs": repeats}
+
+
 def ratio_load(model, workdir: Path, repeats: int) -> dict:
     """from_pretrained of the saved Florence-VL folder vs its parts saved alone (the LLM + native Florence-2)."""
     from transformers import BartConfig, Florence2Config, Florence2ForConditionalGeneration
@@ -503,7 +556,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (the median is reported)")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per decode measurement")
-    parser.add_argument("--ratios", default="", help="comma-separated from breadth,decode,load,convert ('' = none)")
+    parser.add_argument("--ratios", default="",
+                        help=f"comma-separated from {','.join(RATIOS)} ('' = none)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the static ratio (the tests use 'eager' to stay fast)")
     parser.add_argument("--ratio-size", default="base", help="model size the breadth/decode/load ratios use")
     parser.add_argument("--ratio-batch", type=int, default=4, help="batch of the breadth ratio (decode uses 1)")
     parser.add_argument("--convert-dims", default="2048,8,32000",
@@ -523,7 +579,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     batches = [int(b) for b in args.batches.split(",") if b]
     ratios = [r for r in args.ratios.split(",") if r]
     unknown = [s for s in sizes + [args.ratio_size] if s not in SIZES] + [
-        r for r in ratios if r not in ("breadth", "decode", "load", "convert")]
+        r for r in ratios if r not in RATIOS]
     if unknown:
         raise SystemExit(f"unknown size or ratio: {', '.join(unknown)}")
     real = sorted({s for s in sizes + ([args.ratio_size] if ratios else []) if s in REAL_TEXT})
@@ -539,7 +595,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print_table(results["rows"], device)
         print("\nTTFT = depth + breadth + fusion+proj + LLM prefill (stage medians); decode = median `generate` step.")
 
-    model = build_model(args.ratio_size, device, dtype) if set(ratios) & {"breadth", "decode", "load"} else None
+    model = build_model(args.ratio_size, device, dtype) if set(ratios) - {"convert"} else None
     if "breadth" in ratios:
         r = ratio_breadth(model, args.ratio_batch, args.repeats)
         results["breadth"] = r
@@ -556,6 +612,15 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{fmt_ms(r['forward_ours'])} ms vs bare LLM {fmt_ms(r['forward_llm'])} ms -> overhead "
               f"{(r['forward_ratio'] - 1) * 100:+.1f}%; generate step {fmt_ms(r['generate_ours'])} ms vs "
               f"{fmt_ms(r['generate_llm'])} ms -> overhead {(r['generate_ratio'] - 1) * 100:+.1f}%")
+    if "static" in ratios:
+        r = ratio_static(model, args.repeats, args.new_tokens, args.compile_backend)
+        results["static"] = r
+        print(f"\nStatic cache + torch.compile ({args.ratio_size}, batch 1, backend {r['backend']}): "
+              f"{r['static_tok_s']:.1f} tok/s vs dynamic cache {r['dynamic_tok_s']:.1f} tok/s; same tokens: "
+              f"{'yes' if r['same_tokens'] else 'NO'}; first call {r['compile_seconds']:.0f} s (compiling)\n"
+              f"  a step reads {fmt_bytes(r['bytes_per_token'])} (LLM weights + KV cache) at a measured copy "
+              f"bandwidth of {r['bandwidth'] / 1e9:.0f} GB/s -> bound {r['bound_tok_s']:.1f} tok/s; reached "
+              f"{r['fraction_of_bound'] * 100:.0f}% of it")
     if "load" in ratios or "convert" in ratios:
         with tempfile.TemporaryDirectory(prefix="florence_vl_bench_") as tmp:
             if "load" in ratios:

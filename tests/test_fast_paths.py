@@ -127,17 +127,19 @@ def test_benchmark_smoke_runs_on_tiny(tmp_path):
     """The script runs end to end on the tiny size (table, every ratio) and its naive breadth loop is exact."""
     out = io.StringIO()
     argv = ["--sizes", "tiny", "--batches", "1", "--repeats", "1", "--new-tokens", "2", "--ratio-size", "tiny",
-            "--ratio-batch", "2", "--ratios", "breadth,decode,load,convert", "--convert-dims", "128,2,1000",
-            "--json", str(tmp_path / "results.json")]
+            "--ratio-batch", "2", "--ratios", "breadth,decode,static,load,convert", "--convert-dims", "128,2,1000",
+            "--compile-backend", "eager", "--json", str(tmp_path / "results.json")]
     with contextlib.redirect_stdout(out):
         assert benchmark.main(argv) == 0
     text = out.getvalue()
     assert "| size | batch | depth ms | breadth ms |" in text and "| tiny | 1 |" in text
-    for line in ("Breadth (tiny, batch 2", "Decode (tiny, batch 1", "Loading (tiny)", "Converter ("):
+    for line in ("Breadth (tiny, batch 2", "Decode (tiny, batch 1", "Static cache + torch.compile (tiny, batch 1",
+                 "Loading (tiny)", "Converter ("):
         assert line in text, line
     results = __import__("json").loads((tmp_path / "results.json").read_text())
     assert results["breadth"]["max_abs_diff"] < 1e-5
     assert "no exact batching can beat the loop by more than" in text and results["breadth"]["ceiling"] > 0
+    assert results["static"]["same_tokens"] and 0 < results["static"]["fraction_of_bound"] < 1
     assert results["convert"]["largest_shard"] > 0
 
 
