@@ -46,6 +46,15 @@ def prompt(model, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
 
 
+def with_llm_attention(model, attention: str) -> FlorenceVLForConditionalGeneration:
+    """A copy of `model` whose LLM alone runs `attention` (tower and breadth encoder stay on sdpa), same weights."""
+    backends = {"": "sdpa", "vision_config": "sdpa", "encoder_config": "sdpa", "text_config": attention}
+    copied = type(model)._from_config(copy.deepcopy(model.config), attn_implementation=backends).eval()
+    copied.load_state_dict(model.state_dict())
+    copied.generation_config.pad_token_id = model.generation_config.pad_token_id
+    return copied
+
+
 def generate(model, inputs: dict, **options) -> list[int]:
     output = model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, **options)
     return output[0, inputs["input_ids"].shape[1] :].tolist()
@@ -81,11 +90,7 @@ def test_llm_runs_a_registered_attention_backend_and_only_the_llm(model):
         return sdpa_attention_forward(module, *args, **kwargs)
 
     AttentionInterface.register("florence_vl_test_counting_sdpa", counting_sdpa)
-    backends = {"": "sdpa", "vision_config": "sdpa", "encoder_config": "sdpa",
-                "text_config": "florence_vl_test_counting_sdpa"}
-    served = type(model)._from_config(copy.deepcopy(model.config), attn_implementation=backends).eval()
-    served.load_state_dict(model.state_dict())
-    served.generation_config.pad_token_id = model.generation_config.pad_token_id
+    served = with_llm_attention(model, "florence_vl_test_counting_sdpa")
     inputs = prompt(model, seed=3)
     with torch.no_grad():
         expected = model(**inputs).logits
@@ -100,10 +105,7 @@ def test_llm_runs_a_registered_attention_backend_and_only_the_llm(model):
 def test_llm_flex_attention_gives_sdpa_outputs(model):
     """torch's flex attention (the other engine-facing backend, installed with torch) given to the LLM: same logits on
     a left-padded batch, same greedy tokens. It compiles its kernel, hence seconds on CPU."""
-    backends = {"": "sdpa", "vision_config": "sdpa", "encoder_config": "sdpa", "text_config": "flex_attention"}
-    flex = type(model)._from_config(copy.deepcopy(model.config), attn_implementation=backends).eval()
-    flex.load_state_dict(model.state_dict())
-    flex.generation_config.pad_token_id = model.generation_config.pad_token_id
+    flex = with_llm_attention(model, "flex_attention")
     assert flex.model.language_model.config._attn_implementation == "flex_attention"
     single = prompt(model, seed=4)
     pad = model.generation_config.pad_token_id
