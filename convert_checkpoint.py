@@ -18,6 +18,7 @@ import math
 import os
 import re
 import shutil
+import string
 import struct
 import sys
 import tempfile
@@ -45,9 +46,25 @@ from florence_vl.configuration_florence_vl import (  # noqa: E402
 REPO_FILES = ("configuration_florence_vl.py", "modeling_florence_vl.py", "processing_florence_vl.py")
 TOWER_PREFIX = "model.vision_tower.vision_tower."
 SUPPORTED = {"llava_llama": ("llama", "llama3"), "llava_phi": ("phi3", "phi3")}  # model_type -> (LLM, template)
-BASE_MODELS = {
-    "llava_llama": ["jiuhai/florence-vl-8b-sft", "meta-llama/Llama-3.1-8B-Instruct", "microsoft/Florence-2-large"],
-    "llava_phi": ["jiuhai/florence-vl-3b-sft", "microsoft/Phi-3.5-mini-instruct", "microsoft/Florence-2-large"],
+BASE_MODELS = {  # the release, and what the authors trained it from
+    "llava_llama": ["jiuhai/florence-vl-8b-sft", "meta-llama/Llama-3.1-8B-Instruct", "microsoft/Florence-2-large-ft"],
+    "llava_phi": ["jiuhai/florence-vl-3b-sft", "microsoft/Phi-3.5-mini-instruct", "microsoft/Florence-2-large-ft"],
+}
+LLM_FAMILIES = {  # for the model card: the LLM's name, Hub id and licence (the weights follow the LLM's licence)
+    "llava_llama": {
+        "name": "Llama-3.1", "base": "meta-llama/Llama-3.1-8B-Instruct", "license": "llama3.1",
+        "license_text": "The weights follow the **Llama 3.1 Community License** of the language model they contain "
+                        "(https://huggingface.co/meta-llama/Llama-3.1-8B-Instruct/blob/main/LICENSE), and the "
+                        "Florence-2 vision encoder's MIT license (https://huggingface.co/microsoft/Florence-2-large-ft). "
+                        "The model code (the three `.py` files) is MIT-licensed.",
+    },
+    "llava_phi": {
+        "name": "Phi-3.5", "base": "microsoft/Phi-3.5-mini-instruct", "license": "mit",
+        "license_text": "The weights follow the **MIT License** of Phi-3.5-mini-instruct "
+                        "(https://huggingface.co/microsoft/Phi-3.5-mini-instruct/blob/main/LICENSE) and of the "
+                        "Florence-2 vision encoder (https://huggingface.co/microsoft/Florence-2-large-ft). The model "
+                        "code (the three `.py` files) is MIT-licensed.",
+    },
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 SAFETENSORS_DTYPES = {
@@ -709,34 +726,35 @@ def write_generation_config(src: Path, release: dict[str, Any], folder: Path) ->
     (folder / "generation_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def write_model_card(folder: Path, model_type: str, src: str, config: FlorenceVLConfig, tower_note: str) -> None:
-    """README.md: this repository's model card, for this checkpoint (front matter, name, `MODEL` in the snippets)."""
-    base = BASE_MODELS[model_type]
-    size = "8B" if model_type == "llava_llama" else "3B"
-    # `folder` is the staging folder `.{OUT name}.{random}.partial` (see convert); the card names the final folder.
-    name = folder.name
-    if name.startswith(".") and name.endswith(".partial"):
-        name = name[1:].rsplit(".", 2)[0]
-    card = (ROOT / "README.md").read_text()
-    if not card.startswith("---\n"):
-        raise ConversionError(f"{ROOT / 'README.md'} has no front matter")
-    body = card.split("\n---\n", 1)[1]
-    front = "\n".join(["---", "pipeline_tag: image-text-to-text", "library_name: transformers", "license: other",
-                       "tags:", "  - florence-vl", "  - florence-2", "  - multimodal", "  - vision-language",
-                       "  - custom_code", "  - arxiv:2412.04424", "base_model:", *[f"  - {b}" for b in base], "---"])
-    # The repository-only quick start (ask.sh, the test suite) does not apply to a converted folder.
-    body = re.sub(r"## Quick start.*?(?=\n## )", "", body, count=1, flags=re.S)
-    body = body.replace("# Florence-VL for 🤗 transformers", f"# Florence-VL {size}", 1)
-    intro = (f"This repository holds the original release `{src}` converted with `convert_checkpoint.py` into a "
-             f"`transformers` remote-code model ({tower_note}), {config.image_seq_length} visual tokens per image. "
-             "The weights are unchanged; the Florence-2 decoder, which Florence-VL never runs, is not included.\n\n")
-    body = body.replace("## Usage\n", intro + "## Usage\n", 1)
-    # In the code blocks, MODEL becomes this checkpoint (its folder name; use the Hub id once it is uploaded).
-    body = re.sub(r"```python\n.*?```", lambda m: re.sub(r"\bMODEL\b", f'"{name}"', m.group(0)), body, flags=re.S)
-    body = body.replace("`MODEL` is a converted Florence-VL folder or Hub repo",
-                        f'`"{name}"` below is this folder, or its Hub id once uploaded', 1)
-    (folder / "README.md").write_text(front + "\n" + body)
-    # The snippets open assets/example.png: ship it, so they run as written from the converted folder.
+def card_title(parameters: int, model_type: str) -> str:
+    """"Florence-VL 8B (Llama-3.1)" for the release; a small test conversion is titled by its own size."""
+    count = f"{parameters / 1e9:.0f}B" if parameters >= 1e9 else f"{parameters / 1e6:.1f}M"
+    return f"Florence-VL {count} ({LLM_FAMILIES[model_type]['name']})"
+
+
+def write_model_card(folder: Path, model_type: str, src: str, config: FlorenceVLConfig, parameters: int,
+                     model_id: str) -> None:
+    """README.md: the Hub card of this checkpoint, from docs/model_card_template.md. Its snippets load `model_id`
+    (the Hub id, or the folder's absolute path before upload) and run from any directory."""
+    from benchmarks.memory_table import config_footprint, table
+
+    family = LLM_FAMILIES[model_type]
+    is_hub_id = not Path(src).expanduser().exists() and src.count("/") == 1
+    source = src if is_hub_id else f"a local copy of a LLaVA-format release ({Path(src).name})"
+    local = model_id.startswith("/")
+    image_line = (f'image = "{model_id}/assets/example.png"  # an example image shipped in this folder' if local
+                  else "from huggingface_hub import hf_hub_download\n\n"
+                       f'image = hf_hub_download("{model_id}", "assets/example.png")  # an example shipped with the model')
+    title = card_title(parameters, model_type)
+    card = string.Template((ROOT / "docs" / "model_card_template.md").read_text()).substitute(
+        title=title, model_id=model_id, image_line=image_line, image_tokens=config.image_seq_length,
+        source=f"`{source}`" if is_hub_id else source, parameters=f"{parameters:,}", llm=family["name"],
+        llm_id=family["base"], license=family["license"], license_text=family["license_text"],
+        base_models="\n".join(f"  - {b}" for b in BASE_MODELS[model_type]),
+        memory_table=table([config_footprint(config, title)]),
+    )
+    (folder / "README.md").write_text(card)
+    # The snippets open assets/example.png from the model repo: ship it (readable and listable by everyone).
     (folder / "assets").mkdir(exist_ok=True)
     shutil.copy(ROOT / "assets" / "example.png", folder / "assets" / "example.png")
 
@@ -774,12 +792,12 @@ def print_plan(plan: Plan, shards: list[list[PlannedTensor]], requested: Optiona
 
 
 def publish_permissions(folder: Path) -> None:
-    """Give the staged folder the usual permissions (mkdtemp and safetensors create owner-only entries)."""
+    """Give the staged folder the usual permissions (mkdtemp and safetensors create owner-only entries): folders
+    listable and enterable (rwx by umask), files readable (rw by umask), all the way down."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for path in folder.iterdir():
-        os.chmod(path, 0o666 & ~umask)
+    for path in (folder, *folder.rglob("*")):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def prepare_out(out: Path) -> None:
@@ -789,8 +807,11 @@ def prepare_out(out: Path) -> None:
 
 
 def convert(src: str, out: Optional[str], vision_tower: Optional[str] = None, dtype: str = "auto",
-            max_shard_size: str = "5GB", push_to_hub: Optional[str] = None, dry_run: bool = False) -> Plan:
-    """Convert SRC into a complete repo folder at OUT (or, with dry_run, only validate and print the plan)."""
+            max_shard_size: str = "5GB", push_to_hub: Optional[str] = None, dry_run: bool = False,
+            repo_id: Optional[str] = None) -> Plan:
+    """Convert SRC into a complete repo folder at OUT (or, with dry_run, only validate and print the plan).
+
+    The model card's snippets load `repo_id` (default: the --push-to-hub id, else OUT's absolute path)."""
     if dtype != "auto" and dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
     requested = DTYPES.get(dtype)
@@ -827,7 +848,8 @@ def convert(src: str, out: Optional[str], vision_tower: Optional[str] = None, dt
         for name in REPO_FILES:
             if (ROOT / name).is_file():
                 shutil.copy2(ROOT / name, staging / name)
-        write_model_card(staging, model_type, src, config, source.tower_note)
+        write_model_card(staging, model_type, src, config, sum(p.source.numel for p in plan.mapped),
+                         repo_id or push_to_hub or str(out_path))
         publish_permissions(staging)
         if out_path.is_dir():
             out_path.rmdir()  # empty (checked above)
@@ -856,6 +878,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weight dtype (auto: unchanged)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the converted folder to this Hub repo")
+    parser.add_argument("--repo-id", help="Hub id the model card's examples load (default: the --push-to-hub id, "
+                                          "else OUT's absolute path)")
     parser.add_argument("--dry-run", action="store_true", help="validate mapping and shapes from headers; write nothing")
     args = parser.parse_args(argv)
     if args.out is None and not args.dry_run:
@@ -867,7 +891,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: expected problems end in a one-line `error:` message and exit status 1, never a traceback."""
     args = parse_args(argv)
     try:
-        convert(args.src, args.out, args.vision_tower, args.dtype, args.max_shard_size, args.push_to_hub, args.dry_run)
+        convert(args.src, args.out, args.vision_tower, args.dtype, args.max_shard_size, args.push_to_hub, args.dry_run,
+                args.repo_id)
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -21,32 +21,15 @@ import convert_checkpoint as cc
 MANIFESTS = SHARED / "fixtures" / "real_size_manifests.json"
 OTHER_PYTHON = os.environ.get("FLORENCE_VL_OTHER_PYTHON")
 
-# Release configs as the original code saved them (LLaVA wrapper keys + the LLM's own), from the facts doc.
 LLAVA_KEYS = {
     "mm_hidden_size": 1024, "mm_projector_type": "mlp3x_gelu", "mm_patch_merge_type": "flat",
     "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "mm_vision_select_layer": -2,
     "image_aspect_ratio": "pad", "tokenizer_model_max_length": 2048, "tokenizer_padding_side": "right",
     "use_mm_proj": True, "torch_dtype": "bfloat16", "transformers_version": "4.43.1",
 }
-RELEASE_8B = {
-    "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "hidden_size": 4096,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
-    "vocab_size": 128257, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192},
-    "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "pad_token_id": 128256,
-    "tie_word_embeddings": False, "mm_vision_tower": "jiuhai/florence-llama-vision-tower", **LLAVA_KEYS,
-}
-RELEASE_3B = {
-    "architectures": ["LlavaPhiForCausalLM"], "model_type": "llava_phi", "hidden_size": 3072,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 8192,
-    "vocab_size": 32064, "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
-    "rope_theta": 10000.0, "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [1.5] * 48},
-    "rms_norm_eps": 1e-5, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000,
-    "sliding_window": 262144, "tie_word_embeddings": False, "mm_vision_tower": "jiuhai/florence-phi-vision-tower",
-    **LLAVA_KEYS,
-}
-RELEASES = {"florence_vl_8b_llava_llama": RELEASE_8B, "florence_vl_3b_llava_phi": RELEASE_3B}
+# Release configs as the original code saved them (LLaVA wrapper keys + the LLM's own), from the facts doc.
+RELEASES = {name: config for name, config in json.loads((ROOT / "benchmarks" / "real_releases.json").read_text()).items()
+            if not name.startswith("_")}
 
 
 def florence2_large_tower_config() -> dict:

@@ -1,20 +1,26 @@
 """README.md is the Hub model card: its front matter, and every ```python block runs as written, in order, in one
 namespace (later blocks reuse earlier variables), with MODEL set to a tiny converted repo folder. Blocks after a
-`<!-- card-test: skip-without-cuda -->` marker run only where CUDA exists. The converter writes the same card."""
+`<!-- card-test: skip-without-cuda -->` marker run only where CUDA exists. The converter writes a card of its own
+(docs/model_card_template.md) into each converted folder: its code runs from another directory against the Hub id,
+as a Hub user runs it, and it holds what a user of that checkpoint needs and nothing of this repository."""
 
 from __future__ import annotations
 
+import os
 import re
+import stat
+import subprocess
+import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, require_fixture
 
 README = ROOT / "README.md"
+HUB_ID = "test-org/florence-vl-tiny"
 CUDA_MARKER = "<!-- card-test: skip-without-cuda -->"
 BLOCK = re.compile(r"(?P<marker><!-- card-test: [^>]*-->\n)?```python\n(?P<code>.*?)```", re.S)
 
@@ -35,7 +41,7 @@ def test_front_matter():
     assert meta["pipeline_tag"] == "image-text-to-text"
     assert meta["library_name"] == "transformers"
     assert meta["license"]
-    assert "microsoft/Florence-2-large" in meta["base_model"]
+    assert "microsoft/Florence-2-large-ft" in meta["base_model"]
     assert {"florence-vl", "custom_code", "arxiv:2412.04424"} <= set(meta["tags"])
 
 
@@ -77,19 +83,76 @@ def test_cuda_only_snippets():
                     "test_usage_snippets_run_in_order runs them where CUDA exists")
 
 
-def test_converter_writes_the_same_card(tmp_path):
+def hub_cache_with(folder: Path, repo_id: str, hf_home: Path) -> None:
+    """Lay `folder` out in `hf_home` as huggingface_hub caches a downloaded repo, so `repo_id` resolves offline."""
+    import shutil
+
+    revision = "0" * 40
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+
+
+@pytest.fixture(scope="module")
+def converted_with_card(tmp_path_factory) -> Path:
+    """The fixture release converted by the CLI, as a user runs it, with the Hub id its card should use."""
+    out = tmp_path_factory.mktemp("card") / "florence-vl-tiny"
+    result = subprocess.run([sys.executable, str(ROOT / "convert_checkpoint.py"),
+                             str(require_fixture() / "original_checkpoint"), str(out), "--repo-id", HUB_ID],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_converted_card_runs_from_another_directory_as_a_hub_user(converted_with_card, tmp_path):
+    hf_home = tmp_path / "hf_home"
+    hub_cache_with(converted_with_card, HUB_ID, hf_home)
+    code = "\n".join(code for code, needs_cuda in python_blocks((converted_with_card / "README.md").read_text())
+                     if not needs_cuda)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, f"the converted card's code failed:\n{code}\n{result.stderr[-3000:]}"
+    assert len(result.stdout.strip().splitlines()) >= 3  # the pipeline's answer and the batch's two
+
+
+def test_converted_card_is_for_this_checkpoint_and_its_users(converted_with_card):
+    card = (converted_with_card / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["license"] == "llama3.1" and meta["pipeline_tag"] == "image-text-to-text"
+    assert {"jiuhai/florence-vl-8b-sft", "microsoft/Florence-2-large-ft"} <= set(meta["base_model"])
+    parameters = int(re.search(r"\(([\d,]+) parameters", card)[1].replace(",", ""))
+    assert 2_000_000 < parameters < 2_200_000  # the fixture's tiny release, not the 8B it imitates
+    assert "# Florence-VL 2.1M (Llama-3.1)\n" in card and "# Florence-VL 8B" not in card
+    assert f'"{HUB_ID}"' in card
+    for heading in ("## Usage", "## Memory", "## Intended use and limitations", "## Training data and procedure",
+                    "## License", "## Citation"):
+        assert heading in card, heading
+    assert "Llama 3.1 Community License" in card and "MIT" in card
+    # Nothing that exists only in the source repository or on the converting machine.
+    for internal in ("ask.sh", "convert_checkpoint", "tests/", "benchmarks/", "finetune.py", "app.py",
+                     str(require_fixture()), str(converted_with_card)):
+        assert internal not in card, internal
+    assert re.search(r"\| Florence-VL 2\.1M \(Llama-3\.1\) \| bfloat16 \| [\d.]+ MiB", card)
+
+
+def test_converted_folder_is_usable_by_other_users(converted_with_card):
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (converted_with_card, *converted_with_card.rglob("*")):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        wanted = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert mode == wanted, f"{path}: {oct(mode)}, expected {oct(wanted)}"
+    assert (converted_with_card / "assets" / "example.png").is_file()
+
+
+def test_card_without_hub_id_loads_the_absolute_folder(tmp_path):
     import convert_checkpoint
 
-    staging = tmp_path / ".florence-vl-3b.x1y2z3.partial"  # the converter writes into such a staging folder
-    staging.mkdir()
-    config = SimpleNamespace(image_seq_length=577)
-    convert_checkpoint.write_model_card(staging, "llava_phi", "jiuhai/florence-vl-3b-sft", config, "tower note")
-    card = (staging / "README.md").read_text()
-    meta = front_matter(card)
-    assert meta["pipeline_tag"] == "image-text-to-text" and "arxiv:2412.04424" in meta["tags"]
-    assert "jiuhai/florence-vl-3b-sft" in meta["base_model"]
-    assert "# Florence-VL 3B" in card and "jiuhai/florence-vl-3b-sft" in card
-    readme_blocks = python_blocks(README.read_text())
-    card_blocks = python_blocks(card)
-    assert [c.replace("MODEL", '"florence-vl-3b"') for c, _ in readme_blocks] == [c for c, _ in card_blocks]
-    assert "## Fine-tuning" in card and "## Citation" in card and "./ask.sh" not in card
+    out = tmp_path / "plain"
+    convert_checkpoint.convert(str(require_fixture() / "original_checkpoint"), str(out))
+    card = (out / "README.md").read_text()
+    assert f'"{out.resolve()}"' in card and f'image = "{out.resolve()}/assets/example.png"' in card
