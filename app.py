@@ -2,8 +2,8 @@
 
     python app.py [--model PATH_OR_REPO] [--host 127.0.0.1] [--port 7860]
 
-Without --model it serves the embedded tiny model (assets/tiny-random-florence-vl, RANDOM weights: gibberish answers),
-fully offline. Needs `pip install -r requirements-app.txt` (Gradio 6, which needs huggingface_hub >= 1, i.e.
+Without --model it serves the embedded tiny model (assets/tiny-florence-vl), fully offline: it knows only coloured
+shapes (colour, shape, count; see README). Needs `pip install -r requirements-app.txt` (Gradio 6, which needs huggingface_hub >= 1, i.e.
 transformers 5.x; with transformers 4.57 install gradio==5.50.0 instead).
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -20,18 +21,21 @@ from typing import Any, Iterator, Optional
 # Before gradio is imported: no usage statistics sent anywhere from a local demo.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from cli_common import (DEFAULT_MAX_NEW_TOKENS, add_runtime_args, quiet_libraries, resolve_device, resolve_dtype,
+                        resolve_model, run)
+
 ROOT = Path(__file__).resolve().parent
+NO_IMAGE = "Upload an image first: the model answers questions about an image."
 
 
 class Chat:
     """The model, its processor and the generation settings, shared by every browser session."""
 
-    def __init__(self, model_path: str, device: Optional[str], max_new_tokens: int):
-        import torch
+    def __init__(self, model_path: str, device: Optional[str], max_new_tokens: int, dtype: str = "auto"):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.device = resolve_device(device)
+        dtype = resolve_dtype(dtype, self.device)
         self.processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
         self.model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, dtype=dtype)
         self.model.to(self.device).eval()
@@ -80,6 +84,10 @@ def build_demo(chat: Chat, title: str) -> Any:
         if not question:
             yield history, "", state, gr.update()
             return
+        if not image and state.get("image") is None:  # follow-up questions may reuse the conversation's image
+            gr.Warning(NO_IMAGE)
+            yield history, question, state, NO_IMAGE
+            return
         state["messages"] += user_turn(image, question, state)
         history = history + [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         answer = ""
@@ -125,28 +133,37 @@ def offline_theme() -> Any:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command-line arguments."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="converted Florence-VL folder or Hub id (default: embedded tiny model)")
+    parser.add_argument("--model", help="converted Florence-VL folder or Hub id (default: the embedded tiny model)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to serve on (0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    add_runtime_args(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="florence_vl_tiny_") as scratch:
+    # SIGTERM (a service manager, `kill`) unwinds like Ctrl-C, so the scratch folder below is removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    with tempfile.TemporaryDirectory(prefix="florence_vl_app_") as scratch:
+        os.environ["GRADIO_TEMP_DIR"] = str(Path(scratch) / "uploads")  # uploads go with it
         model_path, title = args.model, "Florence-VL"
         if model_path is None:
             from ask import materialise_embedded_model
 
-            print("No --model given: serving the embedded tiny model with RANDOM weights (answers are gibberish).")
-            model_path = str(materialise_embedded_model(Path(scratch) / "tiny-random-florence-vl"))
-            title = "Florence-VL (embedded tiny model, random weights)"
-        demo = build_demo(Chat(model_path, args.device, args.max_new_tokens), title)
-        demo.queue().launch(server_name=args.host, server_port=args.port, theme=offline_theme(), share=False)
+            print("No --model given: serving the embedded tiny model, which knows only coloured shapes (see README).")
+            model_path = str(materialise_embedded_model(Path(scratch) / "tiny-florence-vl"))
+            title = "Florence-VL (embedded tiny model: coloured shapes only)"
+        else:
+            model_path = resolve_model(model_path)
+        demo = build_demo(Chat(model_path, args.device, args.max_new_tokens, args.dtype), title)
+        try:
+            demo.queue().launch(server_name=args.host, server_port=args.port, theme=offline_theme(), share=False)
+        finally:
+            demo.close()  # stop the server threads before the scratch folder goes
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    quiet_libraries()
+    sys.exit(run(main))

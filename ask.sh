@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: set up a virtualenv (first run only) and answer a question about an image.
-# usage: ./ask.sh [--image PATH_OR_URL] [--question TEXT] [--model CONVERTED_FOLDER_OR_HUB_ID]
+# usage: ./ask.sh [--image PATH_OR_URL] [--question TEXT] [--model CONVERTED_FOLDER_OR_HUB_ID] [--device D] [--dtype T]
+# Runs from the caller's directory, so relative --image and --model paths mean what the user typed.
 set -euo pipefail
-cd "$(dirname "$0")"
-scripts/setup_venv.sh .venv 5.23.0 requirements.txt >&2
-exec .venv/bin/python ask.py "$@"
+here=$(cd "$(dirname "$0")" && pwd)
+"$here/scripts/setup_venv.sh" "$here/.venv" >&2  # the repo's one environment for every script (first run only)
+exec "$here/.venv/bin/python" "$here/ask.py" "$@"

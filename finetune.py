@@ -23,6 +23,9 @@ from typing import Any, Optional
 
 import torch
 
+from cli_common import (UsageError, add_runtime_args, prepare_output_dir, quiet_libraries, resolve_device, resolve_dtype,
+                        resolve_model, run, user_path)
+
 ROOT = Path(__file__).resolve().parent
 IGNORE_INDEX = -100
 # The Florence-2 side of the model: frozen in stage 2 (the paper's instruction-tuning stage).
@@ -32,18 +35,35 @@ LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|qkv_proj)$"
 
 
 def load_samples(path: Path) -> list[dict[str, str]]:
-    """The samples of a JSON list or JSONL file, with image paths made absolute (relative to the file)."""
+    """The samples of a JSON list or JSONL file, image paths made absolute (relative to the file) and checked.
+
+    Runs before the model loads, so that a typo in sample 9,000 fails in a second, not after an hour of training.
+    """
+    if not path.is_file():
+        raise UsageError(f"--data {path}: no such file")
     text = path.read_text()
-    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else [
+            json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{path}: not JSON or JSONL ({error})") from None
+    if not rows:
+        raise UsageError(f"{path}: no samples")
     samples = []
     for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UsageError(f"{path}: sample {index} is not an object with image, question and answer")
         missing = {"image", "question", "answer"} - set(row)
         if missing:
-            raise ValueError(f"{path}: sample {index} lacks {sorted(missing)}")
-        image = str(row["image"])
-        if not image.startswith(("http://", "https://")) and not Path(image).is_absolute():
-            image = str(path.parent / image)
-        samples.append({"image": image, "question": str(row["question"]), "answer": str(row["answer"])})
+            raise UsageError(f"{path}: sample {index} lacks {sorted(missing)}")
+        if not all(isinstance(row[key], str) and row[key].strip() for key in ("image", "question", "answer")):
+            raise UsageError(f"{path}: sample {index}: image, question and answer must be non-empty strings")
+        image = row["image"]
+        if not image.startswith(("http://", "https://")):
+            image = str(path.parent / image) if not Path(image).is_absolute() else image
+            if not Path(image).is_file():
+                raise UsageError(f"{path}: sample {index}: no image file at {image}")
+        samples.append({"image": image, "question": row["question"], "answer": row["answer"]})
     return samples
 
 
@@ -58,10 +78,14 @@ def chat_messages(sample: dict[str, str], with_answer: bool) -> list[dict[str, A
 
 def build_example(processor: Any, sample: dict[str, str]) -> dict[str, torch.Tensor]:
     """input_ids, attention_mask, pixel_values and labels of one sample; labels are -100 except answer + end of turn."""
-    kwargs = dict(tokenize=True, return_dict=True, return_tensors="pt")
-    prompt = processor.apply_chat_template(chat_messages(sample, False), add_generation_prompt=True, **kwargs)
-    full = processor.apply_chat_template(chat_messages(sample, True), **kwargs)
-    prompt_ids, input_ids = prompt["input_ids"][0], full["input_ids"][0]
+    full = processor.apply_chat_template(chat_messages(sample, True), tokenize=True, return_dict=True,
+                                         return_tensors="pt")
+    # The prompt's ids without preprocessing the image a second time: the processor expands each marker into
+    # image_seq_length placeholder tokens before tokenising, and so does this.
+    prompt = processor.apply_chat_template(chat_messages(sample, False), add_generation_prompt=True)
+    marker = processor.image_token
+    prompt_ids = torch.tensor(processor.tokenizer(prompt.replace(marker, marker * processor.image_seq_length))["input_ids"])
+    input_ids = full["input_ids"][0]
     start = len(prompt_ids)
     # The rendered answer must extend the rendered prompt token for token, or the mask would be off.
     if len(input_ids) <= start or not torch.equal(input_ids[:start], prompt_ids):
@@ -80,16 +104,18 @@ def build_example(processor: Any, sample: dict[str, str]) -> dict[str, torch.Ten
 
 
 class ChatDataset(torch.utils.data.Dataset):
-    """Samples rendered with the processor's chat template (built once, up front: the data sets here are small)."""
+    """Samples rendered with the processor's chat template when read: one image in memory at a time, not all of them
+    (pixel values are 6.75 MiB per image at 768x768 in float32)."""
 
     def __init__(self, processor: Any, samples: list[dict[str, str]]):
-        self.examples = [build_example(processor, sample) for sample in samples]
+        self.processor = processor
+        self.samples = samples
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.examples[index]
+        return build_example(self.processor, self.samples[index])
 
 
 class Collator:
@@ -139,7 +165,7 @@ def training_arguments(args: argparse.Namespace) -> Any:
     """TrainingArguments of the recipe: gradient checkpointing on, bf16 on GPUs, nothing reported anywhere."""
     from transformers import TrainingArguments
 
-    use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not args.fp32
+    use_bf16 = args.torch_dtype == torch.bfloat16
     return TrainingArguments(
         output_dir=str(args.output_dir),
         per_device_train_batch_size=args.batch_size,
@@ -151,26 +177,30 @@ def training_arguments(args: argparse.Namespace) -> Any:
         warmup_steps=args.warmup_steps,
         weight_decay=0.0,
         bf16=use_bf16,
-        gradient_checkpointing=True,
+        fp16=args.torch_dtype == torch.float16,
+        gradient_checkpointing=args.gradient_checkpointing,
         # Non-reentrant checkpointing also back-propagates through blocks whose inputs need no grad (frozen tower, LoRA).
         gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=1,
-        save_strategy="no",
+        # Checkpoints to resume from (--resume), the newest two kept; the final model is saved on its own.
+        save_strategy="steps" if args.save_steps > 0 else "no",
+        save_steps=max(args.save_steps, 1),
+        save_total_limit=2,
         report_to=[],
         remove_unused_columns=False,  # pixel_values and labels are not in the model's signature as the Trainer sees it
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        # Images are decoded and resized while the model trains: worker processes, not the training loop.
+        dataloader_num_workers=args.workers,
+        dataloader_pin_memory=args.device.startswith("cuda"),
         seed=args.seed,
-        use_cpu=args.cpu,
-        disable_tqdm=True,
+        use_cpu=args.device == "cpu",
+        disable_tqdm=False,
     )
 
 
-def load_model_and_processor(model_path: str, fp32: bool) -> tuple[Any, Any]:
-    """The processor and the model through the Auto classes (remote code), bf16 weights on GPUs."""
+def load_model_and_processor(model_path: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """The processor and the model through the Auto classes (remote code), weights in `dtype`."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    dtype = torch.bfloat16 if torch.cuda.is_available() and not fp32 else torch.float32
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
     model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, dtype=dtype)
     return model, processor
@@ -184,11 +214,12 @@ def save(trainer: Any, processor: Any, output_dir: Path) -> None:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    """Command-line arguments."""
+    """Command-line arguments, with paths resolved against the caller's directory and the output folder checked."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="converted Florence-VL folder or Hub id (default: embedded tiny model)")
+    parser.add_argument("--model", help="converted Florence-VL folder or Hub id (default: the embedded tiny model)")
     parser.add_argument("--data", type=Path, required=True, help="JSON or JSONL of {image, question, answer}")
-    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--output-dir", type=Path, required=True, help="must be new or empty unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty --output-dir")
     parser.add_argument("--stage", type=int, choices=(1, 2), default=2, help="1: train all; 2: freeze Florence-2")
     parser.add_argument("--lora", action="store_true", help="LoRA adapters on the LLM attention instead of the LLM")
     parser.add_argument("--lora-rank", type=int, default=16)
@@ -200,10 +231,19 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
+    parser.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (0: none)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                        help="recompute activations in the backward pass: less memory, about 30%% more time")
+    parser.add_argument("--workers", type=int, default=1, help="data-loading processes (0: in the training loop)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fp32", action="store_true", help="float32 even on GPUs")
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU exists")
-    return parser.parse_args(argv)
+    add_runtime_args(parser)
+    args = parser.parse_args(argv)
+    args.device = resolve_device(args.device)
+    args.torch_dtype = resolve_dtype(args.dtype, args.device)
+    args.data = user_path(args.data)
+    args.output_dir = prepare_output_dir(args.output_dir, args.overwrite or args.resume)
+    return args
 
 
 def train(args: argparse.Namespace, model_path: str) -> Any:
@@ -211,18 +251,19 @@ def train(args: argparse.Namespace, model_path: str) -> Any:
     from transformers import Trainer, set_seed
 
     set_seed(args.seed)
-    model, processor = load_model_and_processor(model_path, args.fp32)
+    samples = load_samples(args.data)  # before the model: bad data fails fast
+    model, processor = load_model_and_processor(model_path, args.torch_dtype)
     freeze_for_stage(model, args.stage)
     if args.lora:
         model = apply_lora(model, args.stage, args.lora_rank, args.lora_alpha)
-    dataset = ChatDataset(processor, load_samples(args.data))
+    dataset = ChatDataset(processor, samples)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"stage {args.stage}{' + LoRA' if args.lora else ''}: {trainable:,} of {total:,} parameters trainable, "
           f"{len(dataset)} samples")
     trainer = Trainer(model=model, args=training_arguments(args), train_dataset=dataset,
                       data_collator=Collator(pad_token_id(processor, model)))
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=True if args.resume else None)
     print(f"train loss {result.training_loss:.4f} after {result.global_step} steps")
     save(trainer, processor, args.output_dir)
     if trainer.is_world_process_zero():
@@ -232,16 +273,17 @@ def train(args: argparse.Namespace, model_path: str) -> Any:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="florence_vl_tiny_") as scratch:
-        model_path = args.model
-        if model_path is None:
-            from ask import materialise_embedded_model
+    if args.model is not None:
+        train(args, resolve_model(args.model))
+        return 0
+    from ask import materialise_embedded_model
 
-            print("No --model given: fine-tuning the embedded tiny model (random weights).")
-            model_path = str(materialise_embedded_model(Path(scratch) / "tiny-random-florence-vl"))
-        train(args, model_path)
+    with tempfile.TemporaryDirectory(prefix="florence_vl_tiny_") as scratch:
+        print("No --model given: fine-tuning the embedded tiny model.")
+        train(args, str(materialise_embedded_model(Path(scratch) / "embedded")))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    quiet_libraries()
+    sys.exit(run(main))

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -62,21 +64,33 @@ def wait_for_server(url: str, process: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"app.py did not answer at {url} within {SERVER_START_S}s:\n{log.read_text()[-4000:]}")
 
 
+@dataclass
+class Server:
+    """The running app.py: its URL, process, log, and the temporary folder it was given (TMPDIR)."""
+
+    url: str
+    process: subprocess.Popen
+    log: Path
+    tmpdir: Path
+
+
 @pytest.fixture(scope="module")
 def server(tiny_repo_factory, tmp_path_factory):
-    """app.py serving the tiny llama repo; yields its URL, and stops it at the end."""
+    """app.py serving the tiny llama repo, started from another directory with its own TMPDIR; stopped at the end."""
     folder = tiny_repo_factory("llama")
     port = free_port()
-    log = tmp_path_factory.mktemp("app") / "server.log"
+    root = tmp_path_factory.mktemp("app")
+    log, tmpdir = root / "server.log", root / "tmp"
+    tmpdir.mkdir()
     command = [sys.executable, str(ROOT / "app.py"), "--model", str(folder), "--host", "127.0.0.1",
                "--port", str(port), "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", "cpu"]
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(ROOT), NO_PROXY="127.0.0.1,localhost")
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", NO_PROXY="127.0.0.1,localhost", TMPDIR=str(tmpdir))
     with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_for_server(url, process, log)
-        yield url
+        yield Server(url, process, log, tmpdir)
     finally:
         process.terminate()
         try:
@@ -165,12 +179,30 @@ def ask(driver, question: str, expected: str) -> str:
     return answer_text()
 
 
+def test_a_question_without_an_image_is_refused_with_a_notice(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    import app
+
+    browser.get(server.url)
+    box = WebDriverWait(browser, 60).until(lambda d: d.find_element(By.CSS_SELECTOR, "#question textarea"))
+    box.send_keys("What colour is the shape?")
+    browser.find_element(By.CSS_SELECTOR, "#send").click()
+    WebDriverWait(browser, 30).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, "#answer textarea").get_attribute("value") == app.NO_IMAGE)
+    assert "What colour is the shape?" not in browser.find_element(By.CSS_SELECTOR, "#chatbot").text
+    # The question stays in its box, to be sent again once an image is there.
+    assert browser.find_element(By.CSS_SELECTOR, "#question textarea").get_attribute("value") == \
+        "What colour is the shape?"
+
+
 def test_chat_in_the_browser(server, browser, reference, tmp_path_factory):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser.get(server)
+    browser.get(server.url)
     wait = WebDriverWait(browser, 60)
     upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#image input[type=file]")))
     upload.send_keys(str(IMAGE_PATH))
@@ -193,3 +225,12 @@ def test_chat_in_the_browser(server, browser, reference, tmp_path_factory):
     browser.find_element(By.CSS_SELECTOR, "#clear").click()
     WebDriverWait(browser, 30).until(lambda d: QUESTIONS[0] not in d.find_element(By.CSS_SELECTOR, "#chatbot").text)
     assert browser.find_element(By.CSS_SELECTOR, "#answer textarea").get_attribute("value") == ""
+
+
+def test_sigterm_stops_the_server_and_removes_its_temporary_files(server):
+    # Runs last in this module: the browser test has uploaded an image, so the server holds temporary files.
+    leftovers_before = list(server.tmpdir.iterdir())
+    assert leftovers_before, "the running server should keep its scratch folder (uploads) under TMPDIR"
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=30) == 0, server.log.read_text()[-3000:]
+    assert list(server.tmpdir.iterdir()) == [], f"left behind: {list(server.tmpdir.iterdir())}"

@@ -24,7 +24,7 @@ SAMPLES = [
     {"image": "noise_300x500.png", "question": "What is this?", "answer": "Random noise."},
 ]
 TRAIN_FLAGS = ["--max-steps", "3", "--batch-size", "3", "--learning-rate", "1e-3", "--lr-scheduler", "constant",
-               "--cpu"]
+               "--device", "cpu", "--save-steps", "0", "--workers", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -163,12 +163,13 @@ def free_port() -> int:
 def test_accelerate_launch_two_processes(tiny_repo_factory, data_file, tmp_path):
     folder = tiny_repo_factory("llama")
     accelerate = Path(sys.executable).parent / "accelerate"
-    # accelerate's torchrun launcher (--multi_gpu) + --cpu (Trainer's use_cpu): DDP over gloo, two CPU processes.
+    # accelerate's torchrun launcher (--multi_gpu) + --device cpu (Trainer's use_cpu): DDP over gloo, two CPU processes.
     command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                str(ROOT / "finetune.py"), "--model", str(folder), "--data", str(data_file),
                "--output-dir", str(tmp_path / "ddp"), "--stage", "2", "--max-steps", "2", "--batch-size", "1",
-               "--learning-rate", "1e-3", "--lr-scheduler", "constant", "--cpu"]
+               "--learning-rate", "1e-3", "--lr-scheduler", "constant", "--device", "cpu", "--save-steps", "0",
+               "--workers", "0"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     output = result.stdout + result.stderr

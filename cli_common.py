@@ -1,0 +1,108 @@
+"""What every command-line script of this repo shares: the same --device/--dtype options, paths resolved against the
+caller's working directory, a model argument that is a folder or a Hub id, and one `error:` line for expected mistakes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_MAX_NEW_TOKENS = 256  # one default everywhere: long enough for a real release's detailed answer
+
+
+class UsageError(ValueError):
+    """An expected mistake (missing file, bad option value): reported as one `error:` line, no traceback."""
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype, spelled and defaulted the same in every script."""
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="weights' dtype (auto: bfloat16 on CUDA, float32 on CPU, where bfloat16 is slower)")
+
+
+def resolve_device(device: Optional[str]) -> str:
+    """The device to run on: the given one, else cuda when available, else cpu."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> "torch.dtype":  # noqa: F821
+    """The torch dtype for `--dtype` on `device` (auto: bfloat16 on CUDA, float32 elsewhere)."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+def user_path(path: str | os.PathLike) -> Path:
+    """`path` as the user meant it: `~` expanded, relative to the directory the command was started from."""
+    return Path(os.path.expanduser(path)).absolute()
+
+
+def resolve_model(model: str) -> str:
+    """A local folder (made absolute) or a Hub id ("owner/name"); a missing folder is an error, not a Hub lookup."""
+    local = user_path(model)
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise UsageError(f"--model {model}: {local} has no config.json (not a converted Florence-VL folder)")
+        return str(local)
+    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~")) and "\\" not in model
+    if not looks_like_hub_id:
+        raise UsageError(f"--model {model}: no such folder ({local})")
+    return model
+
+
+def resolve_image(image: str) -> str:
+    """A URL unchanged, or an existing image file made absolute (relative to the caller's directory)."""
+    if image.startswith(("http://", "https://")):
+        return image
+    path = user_path(image)
+    if not path.is_file():
+        raise UsageError(f"--image {image}: no such file ({path})")
+    return str(path)
+
+
+def prepare_output_dir(path: Path, overwrite: bool) -> Path:
+    """The output folder: must be new or empty unless --overwrite, so that no earlier result is silently replaced."""
+    path = user_path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise UsageError(f"output folder {path} exists and is not empty (choose another or pass --overwrite)")
+    return path
+
+
+def quiet_libraries() -> None:
+    """Silence the notices a plain run does not need: transformers' info/warnings and its progress bars for loading."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
+def run(main: Callable[[], int]) -> int:
+    """Run a script's main: expected mistakes print one `error: ...` line and exit 2 instead of a traceback."""
+    try:
+        return main()
+    except (UsageError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # e.g. a Hub id that cannot be reached or does not exist
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"error: {first_line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,185 @@
+"""The documented commands as a newcomer runs them: from another working directory, with relative paths, with the
+usual mistakes (one `error:` line, no traceback, no Hub lookup for a missing folder), the same options everywhere,
+and no warning noise."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPTS = {"ask": ROOT / "ask.py", "app": ROOT / "app.py", "finetune": ROOT / "finetune.py"}
+
+
+def run_script(script: Path, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` from `cwd`, with the environment a user has (no PYTHONPATH into this repo)."""
+    env = dict(os.environ, PYTHONPATH="")
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Failed with exit status 2 and exactly one `error:` line naming the problem, no traceback."""
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in lines if line.startswith("error:") or ": error:" in line]
+    assert len(errors) == 1, lines
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture()
+def elsewhere(tmp_path) -> Path:
+    """A working directory outside the repository, as a user's."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    return folder
+
+
+def test_ask_missing_relative_model_folder_is_one_error_line_not_a_hub_lookup(elsewhere):
+    started = time.monotonic()
+    result = run_script(SCRIPTS["ask"], "--model", "./florence-vl-8b", cwd=elsewhere)
+    assert_one_error_line(result, "--model ./florence-vl-8b", "no such folder", str(elsewhere / "florence-vl-8b"))
+    assert time.monotonic() - started < 60  # no network retries (they took about 30 s before)
+
+
+@pytest.mark.parametrize("model", ["florence-vl-8b", "~/models/florence-vl-8b", "out/models/florence-vl-8b"])
+def test_names_that_cannot_be_hub_ids_are_folders(elsewhere, model):
+    assert_one_error_line(run_script(SCRIPTS["ask"], "--model", model, cwd=elsewhere), "no such folder")
+
+
+def test_ask_missing_image_is_one_error_line(elsewhere):
+    result = run_script(SCRIPTS["ask"], "--image", "photo.png", cwd=elsewhere)
+    assert_one_error_line(result, "--image photo.png", str(elsewhere / "photo.png"))
+
+
+def test_ask_relative_model_folder_from_another_directory(tiny_repo_factory, elsewhere):
+    folder = tiny_repo_factory("llama")
+    relative = os.path.relpath(folder, elsewhere)
+    result = run_script(SCRIPTS["ask"], "--model", relative, "--max-new-tokens", "3", cwd=elsewhere)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1].startswith("A: ")
+    assert result.stderr.strip() == "", result.stderr  # no notices, warnings or loading bars
+
+
+def test_ask_sh_runs_from_another_directory_with_relative_paths(tmp_path):
+    """The README's main command, exactly: it sets up .venv itself on first use (minutes on a fresh clone)."""
+    from PIL import Image
+
+    import shapes_data
+
+    image = tmp_path / "shape.png"
+    shapes_data.draw_scene(shapes_data.Scene("square", "blue", 1), __import__("random").Random(3)).save(image)
+    elsewhere = tmp_path / "work"
+    elsewhere.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([str(ROOT / "ask.sh"), "--image", "../shape.png", "--question", "What shape is it?"],
+                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert result.stdout == "Q: What shape is it?\nA: square\n", result.stdout
+    assert Image.open(image).size  # the image was read from the caller's directory, not the repo's
+
+
+@pytest.mark.parametrize("name", ["ask", "app", "finetune"])
+def test_every_script_has_the_same_device_and_dtype_options(name, elsewhere):
+    result = run_script(SCRIPTS[name], "--help", cwd=elsewhere, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "--device DEVICE" in text and "--dtype {auto,float32,bfloat16,float16}" in text
+    assert "--cpu" not in text and "--fp32" not in text
+    if name in ("ask", "app"):
+        assert re.search(r"--max-new-tokens MAX_NEW_TOKENS", text)
+
+
+def test_answer_length_is_the_same_everywhere():
+    import app
+    import ask
+    from cli_common import DEFAULT_MAX_NEW_TOKENS
+
+    assert ask.parse_args([]).max_new_tokens == app.parse_args([]).max_new_tokens == DEFAULT_MAX_NEW_TOKENS == 256
+    readme = (ROOT / "README.md").read_text()
+    assert set(re.findall(r"max_new_tokens=(\d+)", readme)) == {"256"}
+
+
+def write_samples(folder: Path, rows: list[dict]) -> Path:
+    """A JSONL data file for finetune.py."""
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_finetune_bad_data_fails_before_loading_the_model(tiny_repo_factory, elsewhere):
+    rows = [{"image": "a.png", "question": "q", "answer": "a"}]
+    (elsewhere / "a.png").write_bytes((ROOT / "assets" / "example.png").read_bytes())
+    rows.append({"image": "missing.png", "question": "q", "answer": "a"})
+    write_samples(elsewhere, rows)
+    result = run_script(SCRIPTS["finetune"], "--model", str(tiny_repo_factory("llama")), "--data", "data.jsonl",
+                        "--output-dir", "out", "--device", "cpu", cwd=elsewhere)
+    assert_one_error_line(result, "sample 1", "missing.png")
+    assert "Loading" not in result.stderr + result.stdout and not (elsewhere / "out").exists()
+
+
+@pytest.mark.parametrize("rows,fragment", [
+    ([{"image": "a.png", "question": "q"}], "lacks ['answer']"),
+    ([{"image": "a.png", "question": "", "answer": "a"}], "non-empty strings"),
+    ([], "no samples"),
+])
+def test_finetune_data_errors_name_the_problem(elsewhere, rows, fragment):
+    (elsewhere / "a.png").write_bytes((ROOT / "assets" / "example.png").read_bytes())
+    write_samples(elsewhere, rows)
+    result = run_script(SCRIPTS["finetune"], "--data", "data.jsonl", "--output-dir", "out", "--device", "cpu",
+                        cwd=elsewhere)
+    assert_one_error_line(result, fragment)
+
+
+def test_finetune_refuses_to_overwrite_a_non_empty_output_folder(elsewhere):
+    (elsewhere / "out").mkdir()
+    (elsewhere / "out" / "config.json").write_text("{}")
+    write_samples(elsewhere, [{"image": "a.png", "question": "q", "answer": "a"}])
+    result = run_script(SCRIPTS["finetune"], "--data", "data.jsonl", "--output-dir", "out", "--device", "cpu",
+                        cwd=elsewhere)
+    assert_one_error_line(result, "exists and is not empty", "--overwrite")
+    assert (elsewhere / "out" / "config.json").read_text() == "{}"
+
+
+def test_finetune_streams_checkpoints_shows_progress_and_prints_no_warnings(tiny_repo_factory, elsewhere):
+    (elsewhere / "a.png").write_bytes((ROOT / "assets" / "example.png").read_bytes())
+    write_samples(elsewhere, [{"image": "a.png", "question": "What colour is the shape?", "answer": "green"}] * 2)
+    common = ["--model", str(tiny_repo_factory("llama")), "--data", "data.jsonl", "--output-dir", "out", "--stage", "2",
+              "--learning-rate", "1e-3", "--device", "cpu"]
+    result = run_script(SCRIPTS["finetune"], *common, "--max-steps", "2", "--save-steps", "1", cwd=elsewhere)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = elsewhere / "out"
+    assert (out / "checkpoint-1").is_dir() and (out / "checkpoint-2").is_dir() and (out / "model.safetensors").is_file()
+    assert "2/2 [" in result.stderr  # the progress bar
+    assert "Warning" not in result.stderr and "warn" not in result.stderr.lower(), result.stderr[-3000:]
+    # --resume continues from the newest checkpoint instead of starting again.
+    resumed = run_script(SCRIPTS["finetune"], *common, "--max-steps", "3", "--save-steps", "0", "--resume",
+                         cwd=elsewhere)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and "after 3 steps" in resumed.stdout
+
+
+def test_finetune_dataset_renders_lazily():
+    import finetune
+
+    calls = []
+
+    class CountingProcessor:
+        def apply_chat_template(self, *args, **kwargs):
+            calls.append(1)
+            raise AssertionError("rendered up front")
+
+    samples = [{"image": "x.png", "question": "q", "answer": "a"}] * 10_000
+    dataset = finetune.ChatDataset(CountingProcessor(), samples)
+    assert len(dataset) == 10_000 and calls == []
