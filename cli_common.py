@@ -23,7 +23,7 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     """--device and --dtype, spelled and defaulted the same in every script."""
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
-                        help="weights' dtype (auto: bfloat16 on CUDA, float32 on CPU, where bfloat16 is slower)")
+                        help="weights' dtype (auto: bfloat16 on CUDA, float32 on CPU; bfloat16 pays on CPUs with AMX only)")
 
 
 def resolve_device(device: Optional[str]) -> str:

@@ -23,6 +23,9 @@ DEFAULT_FLORENCE_PROMPTS: dict[str, dict[str, Any]] = {
     },
 }
 DEPTH_FEATURE = "depth"
+# Modules (names inside FlorenceVLModel) that quantizers leave unquantized: the Florence-2 side and the DBFusion
+# projector are small next to the LLM and lose the most from 8-/4-bit weights.
+FULL_PRECISION_MODULES = ["vision_tower", "vision_projector", "breadth_encoder", "dbfusion_projector"]
 
 # Florence-2-large: the tower of both releases.
 FLORENCE2_LARGE_VISION = dict(
@@ -76,6 +79,10 @@ class FlorenceVLConfig(PretrainedConfig):
         projector_hidden_act: activation between the projector's linear layers.
         image_token_id: id of the image placeholder token in the LLM vocabulary (may lie past the embedding).
         image_seq_length: visual tokens per image (1 global + 24x24 grid for 768x768 inputs).
+        keep_in_fp32_modules: modules of the model (default: the Florence-2 side and the DBFusion projector) that
+            quantizers such as bitsandbytes do not quantize, and that float16 loading keeps in float32; this is
+            transformers' `_keep_in_fp32_modules`, here a config field so that a user can change it in
+            `from_pretrained(..., keep_in_fp32_modules=[])`. bfloat16 loading is unaffected.
     """
 
     model_type = "florence_vl"
@@ -93,6 +100,7 @@ class FlorenceVLConfig(PretrainedConfig):
         projector_hidden_act: str = "gelu",
         image_token_id: int = 128257,
         image_seq_length: int = 577,
+        keep_in_fp32_modules: Optional[list[str]] = None,
         tie_word_embeddings: Optional[bool] = None,
         **kwargs,
     ):
@@ -120,6 +128,7 @@ class FlorenceVLConfig(PretrainedConfig):
         self.projector_hidden_act = projector_hidden_act
         self.image_token_id = image_token_id
         self.image_seq_length = image_seq_length
+        self.keep_in_fp32_modules = list(FULL_PRECISION_MODULES if keep_in_fp32_modules is None else keep_in_fp32_modules)
         self._validate_dbfusion()
         # transformers 5.x decides weight tying from the top-level flag.
         if tie_word_embeddings is None:

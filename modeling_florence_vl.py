@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+import transformers
 from torch import nn
 from transformers import AutoModel, Florence2VisionBackbone, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
@@ -78,6 +79,13 @@ class FlorenceVLPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True
 
+    def _keep_full_precision(self, prefix: str) -> None:
+        """Declare the config's keep_in_fp32_modules the way this transformers reads them (per instance, before
+        post_init): 4.x wants bare module names (it checks them and matches them inside full names), 5.x matches from
+        the start of the full name, so it needs this model's prefix."""
+        prefix = "" if transformers.__version__.startswith("4.") else prefix
+        self._keep_in_fp32_modules = [prefix + name for name in self.config.keep_in_fp32_modules]
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         # A constant table, not a weight: 5.x builds models on the meta device, so recompute it when not loaded.
@@ -93,6 +101,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
 
     def __init__(self, config: FlorenceVLConfig):
         super().__init__(config)
+        self._keep_full_precision(prefix="")
         self.vision_tower = Florence2VisionBackbone(config.vision_config)
         self.vision_projector = Florence2MultiModalProjector(config)
         self.breadth_encoder = BartEncoder(config.encoder_config)
@@ -243,6 +252,7 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
 
     def __init__(self, config: FlorenceVLConfig):
         super().__init__(config)
+        self._keep_full_precision(prefix=f"{self.base_model_prefix}.")
         self.model = FlorenceVLModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
