@@ -1,10 +1,12 @@
 """Answer a question about an image with Florence-VL: the main job of this repo.
 
-    python ask.py --image assets/example.png --question "What is shown in the image?" [--model PATH_OR_REPO]
+    python ask.py --image assets/example.png --question "What colour is the shape?" [--model PATH_OR_REPO]
 
-Without --model it runs the embedded tiny model (assets/tiny-random-florence-vl): its config, tokenizer and chat
-template are real, its weights are RANDOM (seeded), so its answers are gibberish. It exercises exactly the code path
-of a converted release: remote code loaded with trust_remote_code=True, the processor, the pipeline.
+Without --model it runs the embedded tiny model (assets/tiny-florence-vl): a miniature of the release (Llama-3
+tokenizer and chat template, DaViT, the Florence-2 encoder over the three prompts, DBFusion, a small Llama). Until its
+trained weights ship (train_embedded_model.py; see README), its weights are RANDOM (seeded) and its answers
+gibberish: it shows that the code path of a converted release runs (remote code, processor, pipeline), not that it
+answers. Real answers need a converted release (--model).
 """
 
 from __future__ import annotations
@@ -14,61 +16,81 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
+
+from cli_common import (DEFAULT_MAX_NEW_TOKENS, add_runtime_args, quiet_libraries, resolve_device, resolve_dtype,
+                        resolve_image, resolve_model, run)
 
 ROOT = Path(__file__).resolve().parent
-EMBEDDED_MODEL = ROOT / "assets" / "tiny-random-florence-vl"
+EMBEDDED_MODEL = ROOT / "assets" / "tiny-florence-vl"
+EMBEDDED_WEIGHTS = EMBEDDED_MODEL / "model.safetensors"
+EMBEDDED_NOTICE = (
+    "No --model given: the embedded tiny model, which knows only coloured shapes (see README)."
+    if EMBEDDED_WEIGHTS.is_file()
+    else "No --model given: the embedded tiny model with RANDOM weights (its answers are gibberish; see README)."
+)
 REMOTE_CODE = ("configuration_florence_vl.py", "modeling_florence_vl.py", "processing_florence_vl.py")
 
 
-def materialise_embedded_model(folder: Path, seed: int = 0) -> Path:
-    """Write the embedded tiny model into `folder`: its files, this repo's code, seeded random weights."""
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    shutil.copytree(EMBEDDED_MODEL, folder, dirs_exist_ok=True)
+def materialise_embedded_model(folder: Path, seed: int = 0, random_weights: bool = False) -> Path:
+    """Write the embedded tiny model into `folder`: its config, tokenizer and this repo's code, and its trained
+    weights, or seeded random ones where none ship (or `random_weights`: training's starting point)."""
+    ignore = shutil.ignore_patterns("*.safetensors") if random_weights else None
+    shutil.copytree(EMBEDDED_MODEL, folder, dirs_exist_ok=True, ignore=ignore)
     for name in REMOTE_CODE:
         shutil.copy(ROOT / name, folder / name)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
-    torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config, trust_remote_code=True)
-    model.save_pretrained(folder)
+    if not (folder / "model.safetensors").is_file():
+        import torch
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        torch.manual_seed(seed)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+        AutoModelForImageTextToText.from_config(config, trust_remote_code=True).save_pretrained(folder)
     return folder
 
 
-def answer(model: str, image: str, question: str, max_new_tokens: int = 64, device: str | None = None) -> str:
+def answer(model: str, image: str, question: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+           device: Optional[str] = None, dtype: str = "auto") -> str:
     """The model's answer to `question` about `image` (a path or URL), through the image-text-to-text pipeline."""
-    import torch
     from transformers import pipeline
 
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    pipe = pipeline("image-text-to-text", model=model, trust_remote_code=True, device=device, dtype=dtype)
+    device = resolve_device(device)
+    pipe = pipeline("image-text-to-text", model=model, trust_remote_code=True, device=device,
+                    dtype=resolve_dtype(dtype, device))
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
-    output = pipe(text=messages, max_new_tokens=max_new_tokens, return_full_text=False, generate_kwargs={"do_sample": False})
+    output = pipe(text=messages, max_new_tokens=max_new_tokens, return_full_text=False,
+                  generate_kwargs={"do_sample": False})
     return output[0]["generated_text"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Command-line arguments (the same --device/--dtype/--max-new-tokens as app.py)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--image", default=str(ROOT / "assets" / "example.png"), help="image path or URL")
-    parser.add_argument("--question", default="What is shown in the image?")
-    parser.add_argument("--model", help="converted Florence-VL folder or Hub id (default: embedded tiny model)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--question", default="What colour is the shape?")
+    parser.add_argument("--model", help="converted Florence-VL folder or Hub id (default: the embedded tiny model)")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    add_runtime_args(parser)
     args = parser.parse_args(argv)
+    if not args.question.strip():
+        parser.error("--question is empty")
+    return args
 
-    if args.image and not args.image.startswith(("http://", "https://")) and not Path(args.image).is_file():
-        parser.error(f"no image file at {args.image}")
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    image = resolve_image(args.image)
     with tempfile.TemporaryDirectory(prefix="florence_vl_tiny_") as scratch:
-        model = args.model
-        if model is None:
-            print("No --model given: using the embedded tiny model with RANDOM weights (answers are gibberish).")
-            model = str(materialise_embedded_model(Path(scratch) / "tiny-random-florence-vl"))
-        text = answer(model, args.image, args.question, args.max_new_tokens, args.device)
+        if args.model is None:
+            print(EMBEDDED_NOTICE, file=sys.stderr)
+            model = str(materialise_embedded_model(Path(scratch) / "tiny-florence-vl"))
+        else:
+            model = resolve_model(args.model)
+        text = answer(model, image, args.question, args.max_new_tokens, args.device, args.dtype)
     print(f"Q: {args.question}\nA: {text}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    quiet_libraries()
+    sys.exit(run(main))

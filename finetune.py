@@ -9,7 +9,7 @@ on the LLM's attention projections instead of the LLM (and, in stage 2, the whol
 the model's own chat template: only the answer tokens and the end-of-turn token after them are trained.
 
 The data file is JSON (a list) or JSONL of {"image": path (relative to the file) or URL, "question": ..., "answer": ...}.
-Without --model it trains the embedded tiny model (random weights), which is what the tests do.
+Without --model it fine-tunes the embedded tiny model (assets/tiny-florence-vl, trained on coloured shapes).
 """
 
 from __future__ import annotations

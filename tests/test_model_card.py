@@ -156,3 +156,17 @@ def test_card_without_hub_id_loads_the_absolute_folder(tmp_path):
     convert_checkpoint.convert(str(require_fixture() / "original_checkpoint"), str(out))
     card = (out / "README.md").read_text()
     assert f'"{out.resolve()}"' in card and f'image = "{out.resolve()}/assets/example.png"' in card
+
+
+def test_memory_table_is_the_computed_one():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("memory_table", ROOT / "benchmarks" / "memory_table.py")
+    memory_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory_table)
+    computed = memory_table.table([memory_table.release_footprint(name) for name in memory_table.NAMES])
+    assert computed in README.read_text(), computed
+    # Sanity of the numbers themselves: the 8B in bfloat16 is 16 GiB of weights, 4-bit about 40% of that.
+    bf16 = memory_table.release_footprint("florence_vl_8b_llava_llama").weights_bytes("bfloat16") / 1024**3
+    nf4 = memory_table.release_footprint("florence_vl_8b_llava_llama").weights_bytes("nf4") / 1024**3
+    assert 15.5 < bf16 < 16.5 and 0.35 < nf4 / bf16 < 0.45

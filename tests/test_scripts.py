@@ -73,8 +73,7 @@ def test_ask_relative_model_folder_from_another_directory(tiny_repo_factory, els
 
 def test_ask_sh_runs_from_another_directory_with_relative_paths(tmp_path):
     """The README's main command, exactly: it sets up .venv itself on first use (minutes on a fresh clone)."""
-    from PIL import Image
-
+    import ask
     import shapes_data
 
     image = tmp_path / "shape.png"
@@ -85,8 +84,10 @@ def test_ask_sh_runs_from_another_directory_with_relative_paths(tmp_path):
     result = subprocess.run([str(ROOT / "ask.sh"), "--image", "../shape.png", "--question", "What shape is it?"],
                             cwd=elsewhere, env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    assert result.stdout == "Q: What shape is it?\nA: square\n", result.stdout
-    assert Image.open(image).size  # the image was read from the caller's directory, not the repo's
+    question, answer = result.stdout.splitlines()  # nothing but the answer lines on stdout
+    assert question == "Q: What shape is it?" and answer.startswith("A: ")
+    if ask.EMBEDDED_WEIGHTS.is_file():  # trained weights: the right word (random ones say gibberish)
+        assert answer == "A: square"
 
 
 @pytest.mark.parametrize("name", ["ask", "app", "finetune"])

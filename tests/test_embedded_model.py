@@ -1,0 +1,121 @@
+"""The embedded tiny model (assets/tiny-florence-vl): the main job from another directory prints only its answer, the
+training recipe's smoke test, and, once trained weights ship, that it really answers its task (held-out accuracy per
+question, answers that follow the image when only the image changes)."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+import ask
+import finetune
+import shapes_data
+import train_embedded_model
+from shapes_data import COLOUR_QUESTION, COUNT_QUESTION, SHAPE_QUESTION, Scene
+
+needs_trained_weights = pytest.mark.skipif(
+    not ask.EMBEDDED_WEIGHTS.is_file(),
+    reason="no trained weights ship yet (train_embedded_model.py has not reached 90% per question; README, "
+           "'The embedded tiny model')")
+HELD_OUT_SEED = 987_654  # training draws from seeds 1 and 2 (train_embedded_model.STAGES); this one is never used
+PER_QUESTION = 40
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """The shipped model and processor, loaded through the Auto classes with remote code as users load them."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = ask.materialise_embedded_model(tmp_path_factory.mktemp("embedded") / "tiny-florence-vl")
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    return model, AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+
+
+@needs_trained_weights
+def test_weights_are_small():
+    assert ask.EMBEDDED_WEIGHTS.stat().st_size <= 30 * 1024**2
+
+
+@needs_trained_weights
+def test_held_out_accuracy_per_question(embedded):
+    model, processor = embedded
+    accuracy = train_embedded_model.held_out_accuracy(model, processor, PER_QUESTION, seed=HELD_OUT_SEED)
+    print(accuracy)
+    assert set(accuracy) == {COLOUR_QUESTION, SHAPE_QUESTION, COUNT_QUESTION}
+    for question, value in accuracy.items():
+        assert value >= 0.9, f"{question!r}: {value:.0%} right on {PER_QUESTION} held-out images"
+
+
+def variants(seed: int, scenes: list[Scene]) -> list:
+    """One image per scene, all drawn from the same random state: same size, background, shade and positions."""
+    return [shapes_data.draw_scene(scene, random.Random(seed), size=(640, 480)) for scene in scenes]
+
+
+@needs_trained_weights
+@pytest.mark.parametrize("question,scenes", [
+    (COLOUR_QUESTION, [Scene("circle", colour, 1) for colour in ("red", "green", "blue", "yellow")]),
+    (SHAPE_QUESTION, [Scene(shape, "blue", 1) for shape in ("circle", "square", "triangle")]),
+    (COUNT_QUESTION, [Scene("square", "green", count) for count in (1, 2, 3)]),
+])
+def test_answers_follow_the_image(embedded, question, scenes):
+    model, processor = embedded
+    right = total = 0
+    for seed in range(20, 25):
+        images = variants(seed, scenes)
+        replies = train_embedded_model.answers(model, processor, images, [question] * len(images))
+        expected = [scene.answer(question) for scene in scenes]
+        # The only difference between the images is the asked-about attribute: the answers must differ with it.
+        assert len(set(replies)) >= len(scenes) - 1, (seed, replies, expected)
+        right += sum(reply == want for reply, want in zip(replies, expected))
+        total += len(scenes)
+    assert right / total >= 0.9, f"{right} of {total} variants answered right"
+
+
+def test_ask_answers_from_another_directory_and_prints_only_the_answer(tmp_path):
+    """The main job's output is the answer lines only; with trained weights, the right word."""
+    image = tmp_path / "mine.png"
+    shapes_data.draw_scene(Scene("triangle", "red", 1), random.Random(5), size=(500, 350)).save(image)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = dict(os.environ, PYTHONPATH="", PYTHONWARNINGS="")
+    result = subprocess.run([sys.executable, str(ROOT / "ask.py"), "--image", "../mine.png",
+                             "--question", COLOUR_QUESTION], cwd=elsewhere, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    question, answer = result.stdout.splitlines()
+    assert question == f"Q: {COLOUR_QUESTION}" and answer.startswith("A: ")
+    if ask.EMBEDDED_WEIGHTS.is_file():
+        assert answer == "A: red"
+    # One notice that the embedded model is in use, and nothing else (no library warnings, no loading bars).
+    assert result.stderr.strip().splitlines() == [ask.EMBEDDED_NOTICE], result.stderr
+
+
+def test_training_lowers_the_loss_within_a_few_steps(tmp_path):
+    data = shapes_data.write_dataset(tmp_path / "data", 8, seed=3)
+    start = train_embedded_model.model_folder(tmp_path / "start", seed=0)
+    args = finetune.parse_args(["--model", str(start), "--data", str(data), "--output-dir", str(tmp_path / "out"),
+                                "--stage", "1", "--max-steps", "4", "--batch-size", "4", "--learning-rate", "1e-3",
+                                "--lr-scheduler", "constant", "--device", "cpu", "--save-steps", "0",
+                                "--no-gradient-checkpointing", "--workers", "0"])
+    trainer = finetune.train(args, str(start))
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@needs_trained_weights
+def test_the_example_image_is_one_the_model_can_talk_about(embedded):
+    from PIL import Image
+
+    model, processor = embedded
+    image = Image.open(ROOT / "assets" / "example.png").convert("RGB")
+    replies = train_embedded_model.answers(model, processor, [image] * 3,
+                                           [COLOUR_QUESTION, SHAPE_QUESTION, COUNT_QUESTION])
+    assert replies == [shapes_data.EXAMPLE.answer(q) for q in (COLOUR_QUESTION, SHAPE_QUESTION, COUNT_QUESTION)]
