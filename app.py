@@ -149,11 +149,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         os.environ["GRADIO_TEMP_DIR"] = str(Path(scratch) / "uploads")  # uploads go with it
         model_path, title = args.model, "Florence-VL"
         if model_path is None:
-            from ask import materialise_embedded_model
+            from ask import EMBEDDED_NOTICE, EMBEDDED_WEIGHTS, materialise_embedded_model
 
-            from ask import EMBEDDED_NOTICE, EMBEDDED_WEIGHTS
-
-            print(EMBEDDED_NOTICE.replace("No --model given: the", "No --model given: serving the"))
+            print(EMBEDDED_NOTICE)
             model_path = str(materialise_embedded_model(Path(scratch) / "tiny-florence-vl"))
             title = "Florence-VL (embedded tiny model: " + (
                 "coloured shapes only)" if EMBEDDED_WEIGHTS.is_file() else "random weights)")

@@ -5,6 +5,7 @@ caller's working directory, a model argument that is a folder or a Hub id, and o
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -90,6 +91,11 @@ def quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    # The Trainer's checkpoint rotation on filesystems with coarse timestamps (it falls back to step order, which is
+    # what finetune.py wants anyway), and bitsandbytes' note on CPUs with AVX512-BF16 that an optional kernel package
+    # is missing (it falls back to its own kernel).
+    warnings.filterwarnings("ignore", message="mtime may not be reliable", category=UserWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def run(main: Callable[[], int]) -> int:

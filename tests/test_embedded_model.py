@@ -89,10 +89,10 @@ def test_ask_answers_from_another_directory_and_prints_only_the_answer(tmp_path)
                              "--question", COLOUR_QUESTION], cwd=elsewhere, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    question, answer = result.stdout.splitlines()
-    assert question == f"Q: {COLOUR_QUESTION}" and answer.startswith("A: ")
+    # The answer lines only (random weights' gibberish may itself hold line breaks).
+    assert result.stdout.startswith(f"Q: {COLOUR_QUESTION}\nA: "), result.stdout[:500]
     if ask.EMBEDDED_WEIGHTS.is_file():
-        assert answer == "A: red"
+        assert result.stdout == f"Q: {COLOUR_QUESTION}\nA: red\n"
     # One notice that the embedded model is in use, and nothing else (no library warnings, no loading bars).
     assert result.stderr.strip().splitlines() == [ask.EMBEDDED_NOTICE], result.stderr
 
