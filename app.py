@@ -3,8 +3,8 @@
     python app.py [--model PATH_OR_REPO] [--host 127.0.0.1] [--port 7860]
 
 Without --model it serves the embedded tiny model (assets/tiny-florence-vl), fully offline (see README: its weights
-are random until its trained ones ship). Needs `pip install -r requirements-app.txt` (Gradio 6, which needs huggingface_hub >= 1, i.e.
-transformers 5.x; with transformers 4.57 install gradio==5.50.0 instead).
+are random until its trained ones ship). Needs `pip install -r requirements-app.txt` (Gradio 6, which needs
+huggingface_hub >= 1, i.e. transformers 5.x; with transformers 4.57 install gradio==5.50.0 instead).
 """
 
 from __future__ import annotations

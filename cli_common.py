@@ -52,6 +52,11 @@ def user_path(path: str | os.PathLike) -> Path:
     return Path(os.path.expanduser(path)).absolute()
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """Whether `name` can be a Hub repo id ("owner/name"), not a path: what is neither is a missing folder."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and "\\" not in name
+
+
 def resolve_model(model: str) -> str:
     """A local folder (made absolute) or a Hub id ("owner/name"); a missing folder is an error, not a Hub lookup."""
     local = user_path(model)
@@ -59,8 +64,7 @@ def resolve_model(model: str) -> str:
         if not (local / "config.json").is_file():
             raise UsageError(f"--model {model}: {local} has no config.json (not a converted Florence-VL folder)")
         return str(local)
-    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~")) and "\\" not in model
-    if not looks_like_hub_id:
+    if not looks_like_hub_id(model):
         raise UsageError(f"--model {model}: no such folder ({local})")
     return model
 

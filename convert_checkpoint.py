@@ -37,6 +37,7 @@ if "florence_vl" not in sys.modules:
     _package.__path__ = [str(ROOT)]
     sys.modules["florence_vl"] = _package
 
+from cli_common import looks_like_hub_id  # noqa: E402
 from florence_vl.configuration_florence_vl import (  # noqa: E402
     FLORENCE2_LARGE_ENCODER,
     FLORENCE2_LARGE_VISION,
@@ -498,7 +499,7 @@ def resolve_folder(path_or_id: str, what: str, weights: bool = True) -> Path:
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
+    if path.exists() or not looks_like_hub_id(path_or_id):
         raise ConversionError(f"{what}: folder {path_or_id} not found (and it is not a Hub repo id)")
     from huggingface_hub import snapshot_download
 
@@ -739,7 +740,7 @@ def write_model_card(folder: Path, model_type: str, src: str, config: FlorenceVL
     from benchmarks.memory_table import config_footprint, table
 
     family = LLM_FAMILIES[model_type]
-    is_hub_id = not Path(src).expanduser().exists() and src.count("/") == 1
+    is_hub_id = not Path(src).expanduser().exists() and looks_like_hub_id(src)
     source = src if is_hub_id else f"a local copy of a LLaVA-format release ({Path(src).name})"
     local = model_id.startswith("/")
     image_line = (f'image = "{model_id}/assets/example.png"  # an example image shipped in this folder' if local

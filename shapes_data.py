@@ -121,11 +121,16 @@ def write_example(path: Path, seed: int = 7) -> None:
     draw_scene(EXAMPLE, random.Random(seed), size=(640, 480)).save(path)
 
 
-def random_sample(rng: random.Random) -> tuple[Scene, str]:
-    """A random scene and a question about it (colour and shape questions show one shape, count questions 1 to 3)."""
-    question = rng.choice(QUESTIONS)
+def random_scene(rng: random.Random, question: str) -> Scene:
+    """A random scene for `question`: colour and shape questions show one shape, count questions 1 to 3."""
     count = rng.randint(1, 3) if question == COUNT_QUESTION else 1
-    return Scene(rng.choice(SHAPES), rng.choice(tuple(COLOURS)), count), question
+    return Scene(rng.choice(SHAPES), rng.choice(tuple(COLOURS)), count)
+
+
+def random_sample(rng: random.Random) -> tuple[Scene, str]:
+    """A random question and a random scene for it."""
+    question = rng.choice(QUESTIONS)
+    return random_scene(rng, question), question
 
 
 def write_dataset(out_dir: Path, count: int, seed: int) -> Path:

@@ -34,11 +34,12 @@ EMBEDDED_MODEL = ROOT / "assets" / "tiny-florence-vl"
 STAGES = ((1, 0.85, 2e-3), (2, 0.15, 5e-4))  # (stage, share of the samples, learning rate)
 
 
-def model_folder(folder: Path, seed: int) -> Path:
-    """The embedded model's files and this repo's code in `folder`, with seeded RANDOM weights: training's start."""
-    from ask import materialise_embedded_model
-
-    return materialise_embedded_model(folder, seed, random_weights=True)
+def chat_batch(processor: Any, images: list, questions: list[str]) -> Any:
+    """Model inputs for one-image chats, image i with question i (the processor left-pads the batch)."""
+    chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+             for question in questions]
+    prompts = processor.apply_chat_template(chats, add_generation_prompt=True)
+    return processor(images=[[image] for image in images], text=prompts, padding=True, return_tensors="pt")
 
 
 def answers(model: Any, processor: Any, images: list, questions: list[str], batch_size: int = 8) -> list[str]:
@@ -47,11 +48,7 @@ def answers(model: Any, processor: Any, images: list, questions: list[str], batc
 
     replies = []
     for start in range(0, len(images), batch_size):
-        chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-                 for question in questions[start:start + batch_size]]
-        prompts = processor.apply_chat_template(chats, add_generation_prompt=True)
-        inputs = processor(images=[[image] for image in images[start:start + batch_size]], text=prompts,
-                           padding=True, return_tensors="pt")
+        inputs = chat_batch(processor, images[start:start + batch_size], questions[start:start + batch_size])
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
@@ -61,17 +58,13 @@ def answers(model: Any, processor: Any, images: list, questions: list[str], batc
 
 def held_out_accuracy(model: Any, processor: Any, per_question: int, seed: int) -> dict[str, float]:
     """Accuracy per question on `per_question` freshly drawn images each (seed `seed`, never used for training)."""
-    from shapes_data import QUESTIONS, draw_scene, random_sample
+    from shapes_data import QUESTIONS, draw_scene, random_scene
 
     rng = random.Random(seed)
     images, questions, expected = [], [], []
     for question in QUESTIONS:
         for _ in range(per_question):
-            scene, _ = random_sample(rng)
-            if question != "How many shapes are there?":
-                scene = type(scene)(scene.shape, scene.colour, 1)
-            else:
-                scene = type(scene)(scene.shape, scene.colour, rng.randint(1, 3))
+            scene = random_scene(rng, question)
             images.append(draw_scene(scene, rng))
             questions.append(question)
             expected.append(scene.answer(question))
@@ -94,12 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import finetune
+    from ask import materialise_embedded_model
     from shapes_data import write_dataset
 
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="florence_vl_train_") as scratch:
         scratch = Path(scratch)
-        model = model_folder(scratch / "stage0", args.seed)
+        model = materialise_embedded_model(scratch / "stage0", args.seed, random_weights=True)  # training's start
         for stage, share, learning_rate in STAGES:
             count = int(args.samples * share)
             data = write_dataset(scratch / f"data{stage}", count, seed=args.seed * 100 + stage)

@@ -99,7 +99,7 @@ def test_ask_answers_from_another_directory_and_prints_only_the_answer(tmp_path)
 
 def test_training_lowers_the_loss_within_a_few_steps(tmp_path):
     data = shapes_data.write_dataset(tmp_path / "data", 8, seed=3)
-    start = train_embedded_model.model_folder(tmp_path / "start", seed=0)
+    start = ask.materialise_embedded_model(tmp_path / "start", seed=0, random_weights=True)
     args = finetune.parse_args(["--model", str(start), "--data", str(data), "--output-dir", str(tmp_path / "out"),
                                 "--stage", "1", "--max-steps", "4", "--batch-size", "4", "--learning-rate", "1e-3",
                                 "--lr-scheduler", "constant", "--device", "cpu", "--save-steps", "0",

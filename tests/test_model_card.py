@@ -166,6 +166,7 @@ def test_memory_table_is_the_computed_one():
     computed = memory_table.table([memory_table.release_footprint(name) for name in memory_table.NAMES])
     assert computed in README.read_text(), computed
     # Sanity of the numbers themselves: the 8B in bfloat16 is 16 GiB of weights, 4-bit about 40% of that.
-    bf16 = memory_table.release_footprint("florence_vl_8b_llava_llama").weights_bytes("bfloat16") / 1024**3
-    nf4 = memory_table.release_footprint("florence_vl_8b_llava_llama").weights_bytes("nf4") / 1024**3
+    footprint_8b = memory_table.release_footprint("florence_vl_8b_llava_llama")
+    bf16 = footprint_8b.weights_bytes("bfloat16") / 1024**3
+    nf4 = footprint_8b.weights_bytes("nf4") / 1024**3
     assert 15.5 < bf16 < 16.5 and 0.35 < nf4 / bf16 < 0.45
