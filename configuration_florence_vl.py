@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Optional, Union
 
 from transformers import AutoConfig, BartConfig, Florence2VisionConfig, PretrainedConfig
@@ -51,6 +52,31 @@ FLORENCE2_LARGE_ENCODER = dict(
     eos_token_id=2,
 )
 
+# The 8B release's LLM (Llama-3.1-8B-Instruct with the release's added <pad>): the default text config.
+LLAMA31_8B_TEXT = dict(
+    model_type="llama",
+    vocab_size=128257,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192},
+    bos_token_id=128000,
+    eos_token_id=[128001, 128008, 128009],
+    pad_token_id=128256,
+    tie_word_embeddings=False,
+)
+# The image placeholder of each LLM family: a reserved special token of the release tokenizer, so that its id has
+# a row in the (unchanged) embedding table; the original never emits it (it splices images in at a -200 marker).
+IMAGE_TOKENS = {"llama": "<|reserved_special_token_0|>", "phi3": "<|placeholder1|>"}
+# Their ids in the release tokenizers (Llama-3.1, Phi-3.5), for tools that work without a tokenizer at hand.
+RELEASE_IMAGE_TOKEN_IDS = {"llama": 128002, "phi3": 32002}
+
 # Every Auto class a user may call on a saved folder (`AutoModelForVision2Seq` exists in transformers 4.x only).
 AUTO_MAP = {
     "AutoConfig": "configuration_florence_vl.FlorenceVLConfig",
@@ -70,14 +96,16 @@ class FlorenceVLConfig(PretrainedConfig):
     Args:
         vision_config: the Florence-2 DaViT tower and its image projection (depth features).
         encoder_config: the Florence-2 BART text encoder that computes the breadth features (no decoder).
-        text_config: the language model; any `model_type` that `AutoConfig` knows (Llama-3, Phi-3, ...).
+        text_config: the language model; any `model_type` that `AutoConfig` knows (Llama-3, Phi-3, ...). Default:
+            the 8B release's Llama-3.1-8B.
         florence_prompts: task name -> {"text", "input_ids"}: the Florence-2 prompts run over each image.
             `input_ids` are BART ids, already padded as the original pads them.
         fused_features: what DBFusion concatenates on channels, in order: "depth" and/or prompt task names.
         attend_prompt_padding: whether the encoder attends the prompts' padding tokens (the original does).
         projector_depth: number of linear layers of the DBFusion projector (GELU between them).
         projector_hidden_act: activation between the projector's linear layers.
-        image_token_id: id of the image placeholder token in the LLM vocabulary (may lie past the embedding).
+        image_token_id: id of the image placeholder token: a token of the LLM vocabulary (a row of its embedding
+            table) that text never produces, e.g. a reserved special token (`IMAGE_TOKENS`).
         image_seq_length: visual tokens per image (1 global + 24x24 grid for 768x768 inputs).
         keep_in_fp32_modules: modules of the model (default: the Florence-2 side and the DBFusion projector) that
             quantizers such as bitsandbytes do not quantize, and that float16 loading keeps in float32; this is
@@ -98,7 +126,7 @@ class FlorenceVLConfig(PretrainedConfig):
         attend_prompt_padding: bool = True,
         projector_depth: int = 3,
         projector_hidden_act: str = "gelu",
-        image_token_id: int = 128257,
+        image_token_id: int = RELEASE_IMAGE_TOKEN_IDS["llama"],
         image_seq_length: int = 577,
         keep_in_fp32_modules: Optional[list[str]] = None,
         tie_word_embeddings: Optional[bool] = None,
@@ -113,7 +141,7 @@ class FlorenceVLConfig(PretrainedConfig):
         if isinstance(encoder_config, dict):
             encoder_config = BartConfig(**{k: v for k, v in encoder_config.items() if k != "model_type"})
         if text_config is None:
-            text_config = {"model_type": "llama"}
+            text_config = dict(LLAMA31_8B_TEXT)
         if isinstance(text_config, dict):
             text_config = dict(text_config)
             text_config = AutoConfig.for_model(text_config.pop("model_type", "llama"), **text_config)
@@ -153,6 +181,13 @@ class FlorenceVLConfig(PretrainedConfig):
                     f"florence_prompts[{task!r}]['input_ids'] must be a non-empty list of BART token ids below "
                     f"{self.encoder_config.vocab_size}, got {ids}"
                 )
+        vocab_size = self.text_config.vocab_size
+        if not isinstance(self.image_token_id, int) or not 0 <= self.image_token_id < vocab_size:
+            raise ValueError(
+                f"image_token_id {self.image_token_id} is not a token of the language model (vocab_size "
+                f"{vocab_size}): use a reserved special token of its tokenizer ({IMAGE_TOKENS}); folders converted "
+                f"before this rule put it past the table: convert them again with convert_checkpoint.py"
+            )
         if self.projector_depth < 1:
             raise ValueError(f"projector_depth must be at least 1, got {self.projector_depth}")
 
@@ -161,11 +196,13 @@ class FlorenceVLConfig(PretrainedConfig):
         """The prompt tasks that DBFusion uses, in fusion order (each runs through the encoder once per image)."""
         return [name for name in self.fused_features if name != DEPTH_FEATURE]
 
-    def to_dict(self) -> dict[str, Any]:
-        """Serialise, writing the LLM's rope settings in the form both transformers 4.57 and 5.x read."""
-        output = super().to_dict()
-        output["text_config"] = _with_legacy_rope_keys(output["text_config"])
-        return output
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """JSON as transformers writes it, plus the LLM's rope settings in 4.x form (`rope_theta`/`rope_scaling`)
+        in text_config, so that transformers 4.57 reads folders saved by 5.x; `to_dict` stays transformers' own."""
+        data = json.loads(super().to_json_string(use_diff=use_diff))
+        if isinstance(data.get("text_config"), dict):
+            data["text_config"] = _with_legacy_rope_keys(data["text_config"])
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 def _with_legacy_rope_keys(text_config: dict[str, Any]) -> dict[str, Any]:

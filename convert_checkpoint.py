@@ -41,6 +41,7 @@ from cli_common import looks_like_hub_id  # noqa: E402
 from florence_vl.configuration_florence_vl import (  # noqa: E402
     FLORENCE2_LARGE_ENCODER,
     FLORENCE2_LARGE_VISION,
+    IMAGE_TOKENS,
     FlorenceVLConfig,
 )
 
@@ -478,17 +479,18 @@ def projector_depth(release: dict[str, Any]) -> int:
 
 
 def build_config(release: dict[str, Any], vision: dict[str, Any], encoder: dict[str, Any],
-                 image_token_id: Optional[int] = None) -> FlorenceVLConfig:
-    """The FlorenceVLConfig of the converted model."""
-    text = text_config_from_release(release)
-    config = FlorenceVLConfig(
-        vision_config=vision,
-        encoder_config=encoder,
-        text_config=text,
-        projector_depth=projector_depth(release),
-        # The placeholder lies one past the LLM vocabulary unless the tokenizer says otherwise.
-        image_token_id=image_token_id if image_token_id is not None else text.get("vocab_size", 0),
-    )
+                 image_token_id: int) -> FlorenceVLConfig:
+    """The FlorenceVLConfig of the converted model; `image_token_id` is the processor's (its tokenizer's id)."""
+    try:
+        config = FlorenceVLConfig(
+            vision_config=vision,
+            encoder_config=encoder,
+            text_config=text_config_from_release(release),
+            projector_depth=projector_depth(release),
+            image_token_id=image_token_id,
+        )
+    except ValueError as error:
+        raise ConversionError(f"the release's config: {error}") from None
     config.architectures = ["FlorenceVLForConditionalGeneration"]
     return config
 
@@ -702,18 +704,26 @@ def chat_template(name: str) -> Optional[str]:
     return path.read_text() if path.is_file() else None
 
 
-def build_processor(src: Path, text_config: Any, model_type: str, image_seq_length: int) -> Any:
-    """The processor: the release's LLM tokenizer (the processor adds `<image>`), Florence-2 images, chat template."""
-    from transformers import AutoTokenizer
+def build_processor(src: Path, text_config: dict[str, Any], model_type: str) -> Any:
+    """The processor: the release's LLM tokenizer, whose reserved IMAGE_TOKENS entry marks images, Florence-2 images,
+    the release's chat template."""
+    from transformers import AutoConfig, AutoTokenizer
 
     from florence_vl.processing_florence_vl import FlorenceVLProcessor
 
+    text_config = dict(text_config)
     try:  # given the LLM config: transformers cannot parse a `llava_*` config.json
-        tokenizer = AutoTokenizer.from_pretrained(str(src), config=text_config)
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(src), config=AutoConfig.for_model(text_config.pop("model_type"), **text_config)
+        )
     except Exception as error:
         raise ConversionError(f"the LLM tokenizer in {src} could not be loaded ({type(error).__name__}: {error})") from None
-    template = chat_template(SUPPORTED[model_type][1])
-    return FlorenceVLProcessor(tokenizer=tokenizer, chat_template=template, image_seq_length=image_seq_length)
+    llm, template = SUPPORTED[model_type]
+    try:
+        return FlorenceVLProcessor(tokenizer=tokenizer, chat_template=chat_template(template),
+                                   image_token=IMAGE_TOKENS[llm])
+    except ValueError as error:
+        raise ConversionError(f"the LLM tokenizer in {src}: {error}") from None
 
 
 def write_generation_config(src: Path, release: dict[str, Any], folder: Path) -> None:
@@ -823,11 +833,8 @@ def convert(src: str, out: Optional[str], vision_tower: Optional[str] = None, dt
 
     source = read_source(src, vision_tower, dry_run)
     model_type = source.release["model_type"]
-    config = build_config(source.release, source.vision, source.encoder)
-    processor = None
-    if not dry_run:
-        processor = build_processor(source.folder, config.text_config, model_type, config.image_seq_length)
-        config.image_token_id = processor.image_token_id  # the id the processor's tokenizer gives `<image>`
+    processor = build_processor(source.folder, text_config_from_release(source.release), model_type)
+    config = build_config(source.release, source.vision, source.encoder, processor.image_token_id)
     expected, optional = target_shapes(config)
     plan = build_plan(source.tensors, expected, optional, source.excluded)
     shards = assign_shards(plan.mapped, requested, max_bytes)

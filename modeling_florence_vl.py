@@ -15,14 +15,18 @@ from torch import nn
 from transformers import AutoModel, Florence2VisionBackbone, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
 from transformers.models.bart.modeling_bart import BartEncoder
 from transformers.models.florence2.modeling_florence2 import (
     Florence2MultiModalProjector,
     Florence2VisionPositionalEmbeddingCosine1D,
 )
+from transformers.utils import can_return_tuple
 
 from .configuration_florence_vl import DEPTH_FEATURE, FlorenceVLConfig
+
+# transformers 5.x's DaViT returns a ModelOutput and records hidden states/attentions; 4.x returns the bare grid.
+_TOWER_RECORDS_OUTPUTS = not transformers.__version__.startswith("4.")
 
 
 @dataclass
@@ -115,13 +119,22 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_depth_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The depth feature V: DaViT output with 2-D/temporal embeddings, pooled, projected, layer-normed."""
+    def get_depth_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """The depth feature V (`pooler_output`): DaViT output with 2-D/temporal embeddings, pooled, projected,
+        layer-normed; `last_hidden_state` is the DaViT grid as (images, tokens, channels)."""
         self._check_pixel_values(pixel_values)
         tower_dtype = self.vision_tower.convs[0].conv.weight.dtype
-        grid = self.vision_tower(pixel_values.to(tower_dtype))
-        grid = getattr(grid, "last_hidden_state", grid)  # 4.57 returns the tensor, 5.x a ModelOutput
-        return self.vision_projector(grid)
+        if _TOWER_RECORDS_OUTPUTS:
+            tower = self.vision_tower(pixel_values.to(tower_dtype), **kwargs)
+        else:  # transformers 4.x: the tower returns its grid only and records no hidden states or attentions
+            tower = BaseModelOutputWithPooling(last_hidden_state=self.vision_tower(pixel_values.to(tower_dtype)))
+        grid = tower.last_hidden_state
+        return BaseModelOutputWithPooling(
+            last_hidden_state=grid.flatten(2).transpose(1, 2),
+            pooler_output=self.vision_projector(grid),
+            hidden_states=tower.hidden_states,
+            attentions=tower.attentions,
+        )
 
     def get_breadth_features(self, depth_features: torch.Tensor) -> dict[str, torch.Tensor]:
         """Encoder states at the image positions of [V ; prompt], for every prompt, in ONE batched encoder pass."""
@@ -145,26 +158,41 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         encoded = encoded[:, :num_tokens].unflatten(0, (num_images, len(tasks)))
         return {task: encoded[:, i] for i, task in enumerate(tasks)}
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """DBFusion: concatenate depth and breadth features on channels, project to the LLM width."""
-        depth = self.get_depth_features(pixel_values)
-        features = {DEPTH_FEATURE: depth, **self.get_breadth_features(depth)}
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """DBFusion: depth and breadth features concatenated on channels and projected to the LLM width.
+
+        `pooler_output` holds the visual tokens that replace the placeholders, (images, image_seq_length, hidden);
+        `last_hidden_state`, `hidden_states` and `attentions` are the DaViT tower's (as Florence-2 returns them).
+        """
+        depth = self.get_depth_features(pixel_values, **kwargs)
+        features = {DEPTH_FEATURE: depth.pooler_output, **self.get_breadth_features(depth.pooler_output)}
         fused = torch.cat([features[name] for name in self.config.fused_features], dim=-1)
-        return self.dbfusion_projector(fused)
+        depth.pooler_output = self.dbfusion_projector(fused)
+        return depth
 
-    def get_placeholder_mask(self, input_ids: torch.LongTensor, num_images: int) -> torch.BoolTensor:
-        """Positions of the image placeholder tokens; ValueError unless they match the images one to one."""
-        mask = input_ids == self.config.image_token_id
-        num_tokens = int(mask.sum())
-        expected = num_images * self.config.image_seq_length
-        if num_tokens != expected:
-            raise ValueError(
-                f"Image placeholders and images do not match: input_ids hold {num_tokens} image tokens "
-                f"({num_tokens / self.config.image_seq_length:g} images of {self.config.image_seq_length} tokens), "
-                f"but {num_images} images were given ({expected} tokens)."
+    def get_placeholder_mask(
+        self, input_ids: Optional[torch.LongTensor], inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.BoolTensor:
+        """Positions of the image placeholders, found by id (or, without ids, by the placeholder's embedding), as a
+        mask broadcastable to `inputs_embeds`; ValueError unless they match the image features one to one."""
+        if input_ids is None:
+            placeholder = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
             )
-        return mask
+            mask = (inputs_embeds == placeholder).all(-1)
+        else:
+            mask = input_ids == self.config.image_token_id
+        num_tokens, num_images = int(mask.sum()), image_features.shape[0]
+        if num_tokens != image_features.shape[0] * image_features.shape[1]:
+            raise ValueError(
+                f"Image placeholders and images do not match: the prompt holds {num_tokens} image tokens "
+                f"({num_tokens / self.config.image_seq_length:g} images of {self.config.image_seq_length} tokens), "
+                f"but {num_images} images were given ({num_images * self.config.image_seq_length} tokens)."
+            )
+        return mask[..., None].expand_as(inputs_embeds).to(inputs_embeds.device)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -177,31 +205,21 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
     ) -> FlorenceVLModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        image_features = None
         if inputs_embeds is None:
-            self._check_length(input_ids)
-            image_mask = input_ids == self.config.image_token_id
-            # The placeholder id may lie past the embedding table; its rows are overwritten below anyway.
-            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
-            if pixel_values is not None:
-                self._check_pixel_values(pixel_values)  # before counting its images
-                image_mask = self.get_placeholder_mask(input_ids, num_images=pixel_values.shape[0])
-                image_features = self.get_image_features(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)
-                inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_features)
-            elif input_ids.shape[1] > 1:  # a prompt, not a decoding step: no host sync while decoding
-                self.get_placeholder_mask(input_ids, num_images=0)
-        elif pixel_values is not None:
-            raise ValueError(
-                "pixel_values need input_ids to locate the image tokens; with inputs_embeds, splice "
-                "get_image_features(pixel_values) into them yourself."
-            )
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        # Without pixel_values the placeholder ids are embedded as the text tokens they are (as Llava does).
+        image_features = None
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values, return_dict=True).pooler_output
+            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            image_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_features)
 
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
-            return_dict=True,
             **kwargs,
         )
         return FlorenceVLModelOutputWithPast(
@@ -218,15 +236,6 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         length = max(map(len, ids))
         pad = self.config.encoder_config.pad_token_id
         return torch.tensor([row + [pad] * (length - len(row)) for row in ids], device=device)
-
-    def _check_length(self, input_ids: torch.LongTensor) -> None:
-        """Refuse prompts past the LLM's context before computing anything (the processor never cuts images)."""
-        limit = self.config.text_config.max_position_embeddings
-        if input_ids.shape[-1] > limit:
-            raise ValueError(
-                f"The prompt has {input_ids.shape[-1]} tokens, more than the language model's {limit} positions "
-                f"(each image takes {self.config.image_seq_length}); shorten the text or send fewer images."
-            )
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         """Reject pixel tensors the tower would turn into the wrong number of visual tokens."""
@@ -249,6 +258,7 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
     """Florence-VL with a language-modelling head: answers questions about images with `generate`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: FlorenceVLConfig):
         super().__init__(config)
@@ -256,6 +266,16 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
         self.model = FlorenceVLModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The LLM (no head), where serving engines and common tooling look for it, as on native VLMs."""
+        return self.model.language_model
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The Florence-2 DaViT tower, as on native VLMs."""
+        return self.model.vision_tower
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
@@ -269,10 +289,11 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The fused, projected visual tokens (images, image_seq_length, hidden) that replace the placeholders."""
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """See `FlorenceVLModel.get_image_features`: `.pooler_output` is what replaces the placeholders."""
+        return self.model.get_image_features(pixel_values, **kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -283,7 +304,6 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
         inputs_embeds: Optional[torch.FloatTensor] = None,
         labels: Optional[torch.LongTensor] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
-        return_dict: Optional[bool] = None,
         **kwargs,
     ) -> Union[tuple, FlorenceVLCausalLMOutputWithPast]:
         outputs = self.model(
@@ -293,6 +313,7 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
             position_ids=position_ids,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -307,7 +328,7 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
 
-        output = FlorenceVLCausalLMOutputWithPast(
+        return FlorenceVLCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
@@ -315,8 +336,6 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        return output if return_dict else output.to_tuple()
 
     def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
         """Send pixel_values to the prefill step only: images are encoded once per `generate` call."""

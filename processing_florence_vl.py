@@ -1,7 +1,5 @@
 """Processor of Florence-VL: the original image preprocessing (square padding, 768x768) and chat prompts."""
 
-from __future__ import annotations
-
 import contextvars
 import json
 import os
@@ -10,10 +8,9 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AddedToken
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import load_image
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin
 from transformers.utils import logging
 
 try:  # transformers 5.x: the PIL backend has its own class; plain `CLIPImageProcessor` is torchvision-based there.
@@ -27,21 +24,26 @@ logger = logging.get_logger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Image-processor settings the processor forwards to the image processor; everything else goes to the tokenizer.
-_IMAGE_KWARGS = {
+# The image-processor settings kept when another backend is swapped for the pinned one.
+_PINNED_SETTINGS = (
     "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
-    "do_convert_rgb", "do_center_crop", "crop_size", "do_pad_square",
-}
-_TEXT_KWARGS = {
-    "padding", "truncation", "max_length", "stride", "pad_to_multiple_of", "padding_side", "add_special_tokens",
-    "return_attention_mask", "return_overflowing_tokens", "return_special_tokens_mask", "return_offsets_mapping",
-    "return_length", "verbose",
-}
-# Keys that transformers' chat/pipeline code may pass but that mean nothing for this processor.
-_IGNORED_KWARGS = {
-    "return_mm_token_type_ids", "return_text_replacement_offsets", "sanitize_control_tokens", "do_sample_frames",
-    "return_token_type_ids", "videos_kwargs", "audio_kwargs", "common_kwargs", "return_metadata",
-}
+    "do_convert_rgb", "do_center_crop", "crop_size",
+)
+DEFAULT_IMAGE_TOKEN = "<|reserved_special_token_0|>"  # Llama-3's first reserved token (the 8B release's LLM)
+
+
+class FlorenceVLImagesKwargs(ImagesKwargs, total=False):
+    """Image options: the image processor's, plus `do_pad_square` (the original pads to a centred square)."""
+
+    do_pad_square: bool
+
+
+class FlorenceVLProcessorKwargs(ProcessingKwargs, total=False):
+    """The kwargs FlorenceVLProcessor routes, per modality, with transformers' `_merge_kwargs`."""
+
+    images_kwargs: FlorenceVLImagesKwargs
+    _defaults = {}  # transformers 4.x reads it; 5.x's defaults are processor class attributes (none needed here)
+
 
 # Set while `apply_chat_template` tokenizes, to undo ProcessorMixin forcing `add_special_tokens=False` (see there).
 _CHAT_ADD_SPECIAL_TOKENS: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar(
@@ -135,11 +137,14 @@ class FlorenceVLProcessor(ProcessorMixin):
 
     Args:
         image_processor: a CLIP image processor configured as Florence-2's (see `default_image_processor`).
-        tokenizer: the LLM tokenizer; `image_token` is added to it as a special token if missing.
+        tokenizer: the LLM tokenizer.
         chat_template: the Llama-3 or Phi-3 template of the original release.
-        image_token: the placeholder that marks where an image goes in the text.
+        image_token: the placeholder that marks where an image goes in the text: a (reserved) special token of the
+            tokenizer, so that its id has a row in the LLM's embedding table.
         image_seq_length: visual tokens per image; each placeholder expands to this many image tokens.
     """
+
+    valid_processor_kwargs = FlorenceVLProcessorKwargs
 
     if _PinnedImageProcessor.__name__ == "CLIPImageProcessor":
         # transformers 4.x needs these declared; 5.x infers them from __init__ and warns that they are deprecated.
@@ -152,7 +157,7 @@ class FlorenceVLProcessor(ProcessorMixin):
         image_processor: Any = None,
         tokenizer: Any = None,
         chat_template: Optional[str] = None,
-        image_token: str = "<image>",
+        image_token: str = DEFAULT_IMAGE_TOKEN,
         image_seq_length: int = 577,
         **kwargs,
     ):
@@ -160,8 +165,10 @@ class FlorenceVLProcessor(ProcessorMixin):
             raise ValueError("FlorenceVLProcessor needs a tokenizer.")
         image_processor = self._pinned(image_processor)
         if image_token not in tokenizer.get_vocab():
-            # The original splices images at a marker the tokenizer never sees; here it is one special added token.
-            tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
+            raise ValueError(
+                f"The image token {image_token!r} is not a token of this tokenizer: pass image_token= one of its "
+                f"reserved special tokens (Llama-3: <|reserved_special_token_0|>, Phi-3.5: <|placeholder1|>)."
+            )
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.image_seq_length = image_seq_length
@@ -175,8 +182,7 @@ class FlorenceVLProcessor(ProcessorMixin):
         if type(image_processor) is _PinnedImageProcessor:
             return image_processor
         # e.g. a torchvision "fast" processor that AutoImageProcessor picked: keep the settings, swap the backend.
-        settings = {k: getattr(image_processor, k) for k in _IMAGE_KWARGS if hasattr(image_processor, k)}
-        settings.pop("do_pad_square", None)
+        settings = {k: getattr(image_processor, k) for k in _PINNED_SETTINGS if hasattr(image_processor, k)}
         for key in ("size", "crop_size"):
             value = settings.get(key)
             if value is not None and not isinstance(value, dict):  # e.g. 5.x SizeDict
@@ -212,60 +218,77 @@ class FlorenceVLProcessor(ProcessorMixin):
         )
 
     # ------------------------------------------------------------------ main call
-    def __call__(
-        self,
-        images: Any = None,
-        text: Union[str, list[str], None] = None,
-        videos: Any = None,
-        audio: Any = None,
-        **kwargs,
-    ) -> BatchFeature:
-        """Tokenise `text` (each `<image>` expanded to `image_seq_length` tokens) and preprocess `images`."""
-        if videos is not None or audio is not None:
+    def __call__(self, images: Any = None, text: Union[str, list[str], None] = None, **kwargs) -> BatchFeature:
+        """Tokenise `text` (each image token expanded to `image_seq_length` of them) and preprocess `images`.
+
+        kwargs are routed per modality by transformers' `_merge_kwargs` (flat, or as `text_kwargs` /
+        `images_kwargs`); `return_mm_token_type_ids` marks image tokens with 1, and `return_text_replacement_offsets`
+        (transformers 5.x) reports where each image's tokens went in the text.
+        """
+        if kwargs.get("videos") is not None or kwargs.get("audio") is not None:
             raise ValueError("Florence-VL takes images and text only, not videos or audio.")
         if images is None and text is None:
             raise ValueError("Pass images, text, or both.")
-        kwargs = self._flatten_kwargs(kwargs)
-        return_tensors = kwargs.pop("return_tensors", None)
-        image_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _IMAGE_KWARGS}
-        text_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _TEXT_KWARGS}
-        unknown = [k for k in kwargs if k not in _IGNORED_KWARGS]
-        if unknown:
-            logger.warning_once(f"FlorenceVLProcessor ignores the arguments {unknown}.")
+        merged = self._merge_kwargs(
+            FlorenceVLProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
+        text_kwargs, image_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None) or image_kwargs.pop("return_tensors", None)
+        image_kwargs.pop("return_tensors", None)
+        # 5.x keeps these two at the top level, 4.x in text_kwargs.
+        return_mm_token_type_ids = text_kwargs.pop("return_mm_token_type_ids", merged.get("return_mm_token_type_ids"))
+        return_offsets = text_kwargs.pop("return_text_replacement_offsets", merged.get("return_text_replacement_offsets"))
 
         per_sample_images = self._images_per_sample(images)
         flat_images = [image for sample in per_sample_images for image in sample]
         data: dict[str, Any] = {}
+        if flat_images:
+            data.update(self.preprocess_images(flat_images, return_tensors=return_tensors, **image_kwargs))
 
         if text is not None:
             texts = [text] if isinstance(text, str) else list(text)
             if not all(isinstance(t, str) for t in texts):
                 raise TypeError("text must be a string or a list of strings.")
             self._check_image_counts(texts, per_sample_images, nested=self._is_nested(images))
-            chat_add_special_tokens = _CHAT_ADD_SPECIAL_TOKENS.get()
-            if chat_add_special_tokens is not None:
-                text_kwargs["add_special_tokens"] = chat_add_special_tokens
-            if len(texts) > 1:
-                # Batched prompts: generation continues on the right, so pad on the left unless told otherwise.
-                text_kwargs.setdefault("padding", True)
-                text_kwargs.setdefault("padding_side", "left")
-            expanded = [t.replace(self.image_token, self.image_token * self.image_seq_length) for t in texts]
+            self._apply_text_defaults(text_kwargs, kwargs, batched=len(texts) > 1)
+            replacements = [self.replace_image_token(data, index) for index in range(len(flat_images))]
+            expanded, offsets = _expand_image_tokens(self, texts, replacements, return_offsets)
             encoding = self.tokenizer(expanded, return_token_type_ids=False, **text_kwargs)
             encoding.pop("token_type_ids", None)  # the models' generate rejects them (4.57 and 5.x)
             self._check_images_intact(texts, encoding["input_ids"], text_kwargs.get("max_length"))
             data.update(encoding)
-
-        if flat_images:
-            data.update(self.preprocess_images(flat_images, return_tensors=return_tensors, **image_kwargs))
+            if return_mm_token_type_ids:
+                data["mm_token_type_ids"] = [[int(i == self.image_token_id) for i in ids] for ids in data["input_ids"]]
+            if return_offsets:
+                data["text_replacement_offsets"] = offsets
+        if "text_replacement_offsets" in data:  # a list of dicts, never a tensor (5.x's BatchFeature knows)
+            return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    @staticmethod
-    def _flatten_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Accept both flat kwargs and transformers' nested `text_kwargs` / `images_kwargs` dicts."""
-        flat = {k: v for k, v in kwargs.items() if k not in ("text_kwargs", "images_kwargs")}
-        for group in ("text_kwargs", "images_kwargs"):
-            flat.update(kwargs.get(group) or {})
-        return flat
+    def _apply_text_defaults(self, text_kwargs: dict[str, Any], passed: dict[str, Any], batched: bool) -> None:
+        """Batched prompts: pad, on the left (generation continues on the right), unless the caller chose."""
+        chat_add_special_tokens = _CHAT_ADD_SPECIAL_TOKENS.get()
+        if chat_add_special_tokens is not None:
+            text_kwargs["add_special_tokens"] = chat_add_special_tokens
+        if batched:
+            chosen = {**passed, **(passed.get("text_kwargs") or {})}
+            if "padding" not in chosen:
+                text_kwargs["padding"] = True
+            if "padding_side" not in chosen:
+                text_kwargs["padding_side"] = "left"
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """What one image's placeholder becomes in the text: `image_seq_length` image tokens (always 577 for the
+        releases: every image is resized to 768x768)."""
+        return self.image_token * self.image_seq_length
+
+    def _get_num_multimodal_tokens(self, image_sizes: Optional[list] = None, **kwargs) -> MultiModalData:
+        """Tokens and patches per image for serving engines: `image_seq_length` tokens, 1 patch, whatever the size."""
+        data = {}
+        if image_sizes is not None:
+            data = {"num_image_tokens": [self.image_seq_length] * len(image_sizes),
+                    "num_image_patches": [1] * len(image_sizes)}
+        return MultiModalData(**data)
 
     @staticmethod
     def _is_nested(images: Any) -> bool:
@@ -285,22 +308,23 @@ class FlorenceVLProcessor(ProcessorMixin):
         raise TypeError(f"Unsupported images argument of type {type(images).__name__}")
 
     def _check_image_counts(self, texts: list[str], per_sample: list[list[Any]], nested: bool) -> None:
-        """ValueError, naming both counts, unless every `<image>` marker has exactly one image."""
+        """ValueError, naming both counts, unless every image token (marker) in the text has exactly one image."""
         markers = [t.count(self.image_token) for t in texts]
+        rule = f"The number of {self.image_token} tokens in the prompts should be the same as the number of images"
         if nested:
             counts = [len(sample) for sample in per_sample]
             if len(counts) != len(markers) or counts != markers:
                 raise ValueError(
-                    f"The text holds {markers} {self.image_token} markers per sample but {counts} images per sample "
-                    f"were given; each marker needs exactly one image."
+                    f"{rule}: the text holds {markers} {self.image_token} markers per sample but {counts} images per "
+                    f"sample were given; each marker needs exactly one image."
                 )
             return
         num_images = sum(len(sample) for sample in per_sample)
         if sum(markers) != num_images:
             raise ValueError(
-                f"The text holds {sum(markers)} {self.image_token} markers but {num_images} images were given; "
-                f"each marker needs exactly one image (put '{self.image_token}\\n' where an image goes, or use "
-                f"apply_chat_template)."
+                f"{rule}: the text holds {sum(markers)} {self.image_token} markers but {num_images} images were "
+                f"given; each marker needs exactly one image (put '{self.image_token}\\n' where an image goes, or "
+                f"use apply_chat_template)."
             )
 
     def _check_images_intact(self, texts: list[str], input_ids: list[list[int]], max_length: Optional[int]) -> None:
@@ -346,6 +370,20 @@ class FlorenceVLProcessor(ProcessorMixin):
         result = super().save_pretrained(save_directory, *args, **kwargs)
         _make_loadable_by_4x(str(save_directory), self.image_processor)
         return result
+
+
+def _expand_image_tokens(
+    processor: FlorenceVLProcessor, texts: list[str], replacements: list[str], return_offsets: bool
+) -> tuple[list[str], Optional[list]]:
+    """Each image token replaced by its image's replacement text, with transformers 5.x's replacement offsets."""
+    if hasattr(processor, "get_text_with_replacements"):  # transformers 5.x
+        if not replacements:
+            return texts, [[] for _ in texts]
+        return processor.get_text_with_replacements(list(texts), replacements)
+    # transformers 4.x: every image expands alike; 4.x has no offsets protocol.
+    if return_offsets:
+        raise ValueError("return_text_replacement_offsets needs transformers 5.x.")
+    return [t.replace(processor.image_token, processor.replace_image_token({}, 0)) for t in texts], None
 
 
 def _make_loadable_by_4x(folder: str, image_processor: Any) -> None:

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
-from florence_vl.configuration_florence_vl import FlorenceVLConfig  # noqa: E402
+from florence_vl.configuration_florence_vl import RELEASE_IMAGE_TOKEN_IDS, FlorenceVLConfig  # noqa: E402
 from florence_vl.modeling_florence_vl import FlorenceVLForConditionalGeneration  # noqa: E402
 
 IMAGE_TOKENS = 577
@@ -87,10 +87,10 @@ def build_config(size: str) -> FlorenceVLConfig:
     """The Florence-VL config of a benchmark size (3b/8b: the Florence-2-large tower of the releases)."""
     if size in REAL_TEXT:
         text = dict(REAL_TEXT[size])
-        return FlorenceVLConfig(text_config=text, image_token_id=text["vocab_size"])
+        return FlorenceVLConfig(text_config=text, image_token_id=RELEASE_IMAGE_TOKEN_IDS[text["model_type"]])
     dims = {"tiny": TINY, "base": BASE}[size]
     return FlorenceVLConfig(vision_config=dict(dims["vision"]), encoder_config=dict(dims["encoder"]),
-                            text_config=dict(dims["text"]), image_token_id=dims["text"]["vocab_size"])
+                            text_config=dict(dims["text"]), image_token_id=5)  # any id inside the table
 
 
 def build_model(size: str, device: torch.device, dtype: torch.dtype,
@@ -118,10 +118,11 @@ def sample_inputs(model, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """`batch` prompts of [text ; 577 image placeholders ; text] and their random pixel values."""
     generator = torch.Generator().manual_seed(seed)
     vocab = min(model.config.text_config.vocab_size, 30000)
-    before = torch.randint(8, vocab, (batch, TEXT_BEFORE), generator=generator)
-    after = torch.randint(8, vocab, (batch, TEXT_AFTER), generator=generator)
-    image = torch.full((batch, IMAGE_TOKENS), model.config.image_token_id)
-    input_ids = torch.cat([before, image, after], dim=1)
+    image_token = model.config.image_token_id
+    text = torch.randint(9, vocab, (batch, TEXT_BEFORE + TEXT_AFTER), generator=generator)
+    text = text.masked_fill(text == image_token, 9)  # no stray placeholder among the text
+    image = torch.full((batch, IMAGE_TOKENS), image_token)
+    input_ids = torch.cat([text[:, :TEXT_BEFORE], image, text[:, TEXT_BEFORE:]], dim=1)
     pixels = torch.randn(batch, 3, 768, 768, generator=generator)
     return {"input_ids": input_ids.to(model.device), "attention_mask": torch.ones_like(input_ids).to(model.device),
             "pixel_values": pixels.to(model.device, model.dtype)}
@@ -206,7 +207,7 @@ def fmt_bytes(count: float) -> str:
 def stage_times(model, inputs: dict) -> dict[str, float]:
     """Time to first token split into depth, breadth, fusion + projector and LLM prefill (with its LM head)."""
     device, inner = model.device, model.model
-    t_depth, depth = timed(lambda: inner.get_depth_features(inputs["pixel_values"]), device)
+    t_depth, depth = timed(lambda: inner.get_depth_features(inputs["pixel_values"]).pooler_output, device)
     t_breadth, breadth = timed(lambda: inner.get_breadth_features(depth), device)
 
     def fuse() -> torch.Tensor:
@@ -304,7 +305,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 3) -> f
 def ratio_breadth(model, batch: int, repeats: int) -> dict:
     """Batched breadth pass vs the per-image, per-prompt loop, interleaved on the same weights and inputs."""
     device = model.device
-    depth = model.model.get_depth_features(sample_inputs(model, batch)["pixel_values"])
+    depth = model.model.get_depth_features(sample_inputs(model, batch)["pixel_values"]).pooler_output
     batched_out, loop_out = model.model.get_breadth_features(depth), breadth_loop(model, depth)  # also warm-up
     error = max(float((batched_out[t] - loop_out[t]).abs().max()) for t in batched_out)
     batched, loop = [], []

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(args.size, device, dtype)
         inputs = sample_inputs(model, batch=1)
         with torch.no_grad():
-            features = profiled(lambda: model.get_image_features(inputs["pixel_values"]))
+            features = profiled(lambda: model.get_image_features(inputs["pixel_values"]).pooler_output)
             generate = profiled(lambda: model.generate(**inputs, max_new_tokens=args.new_tokens,
                                                        min_new_tokens=args.new_tokens, do_sample=False))
         results[dtype] = {"image features": features, f"generate {args.new_tokens} tokens": generate}

@@ -92,12 +92,14 @@ def release_footprint(release_name: str) -> Footprint:
     """The footprint of a real release, its config rebuilt from the manifest and checked against the converter's plan."""
     _bootstrap()
     import convert_checkpoint as cc
+    from florence_vl.configuration_florence_vl import RELEASE_IMAGE_TOKEN_IDS
 
     manifest = json.loads(MANIFESTS.read_text())[release_name]
     release = json.loads(RELEASES.read_text())[release_name]
     tensors = cc.inventory_from_manifest(manifest)
     tower = {t.name: t.shape for t in tensors if t.name.startswith(cc.TOWER_PREFIX)}
-    config = cc.build_config(release, *cc.infer_vision_configs(tower))
+    llm = cc.SUPPORTED[release["model_type"]][0]
+    config = cc.build_config(release, *cc.infer_vision_configs(tower), RELEASE_IMAGE_TOKEN_IDS[llm])
     plan = cc.build_plan(tensors, *cc.target_shapes(config))
     result = config_footprint(config, NAMES[release_name])
     mapped = sum(p.source.numel for p in plan.mapped)

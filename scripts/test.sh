@@ -9,6 +9,9 @@ V5=5.23.0
 scripts/setup_venv.sh .venv-tf4 "$V4" requirements-test.txt || exit 1
 # Gradio 6 (the browser demo) needs huggingface_hub >= 1, which only transformers 5.x accepts: app tests run here.
 scripts/setup_venv.sh .venv-tf5 "$V5" requirements-test.txt requirements-app.txt || exit 1
+# transformers' own common tests (tests/test_conformance.py), from each version's source distribution.
+scripts/fetch_common_tests.sh .venv-tf4/bin/python || exit 1
+scripts/fetch_common_tests.sh .venv-tf5/bin/python || exit 1
 
 # tests/test_app.py drives Debian's headless chromium through chromedriver. Install both once when missing (as root,
 # with apt); otherwise that test skips and says why.

@@ -17,6 +17,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# Overlays for transformers' own test files (scripts/fetch_common_tests.sh), not tests of ours.
+collect_ignore = ["common_test_shims"]
 # The ground truth: ../shared/fixtures/florence_vl_tiny_llama (the original code's outputs); CI clones next to it.
 SHARED = Path(os.environ.get("FLORENCE_VL_SHARED", ROOT.parent / "shared"))
 FIXTURE = SHARED / "fixtures" / "florence_vl_tiny_llama"
@@ -28,7 +30,7 @@ if "florence_vl" not in sys.modules:
     sys.modules["florence_vl"] = _package
 sys.path.insert(0, str(ROOT))
 
-from florence_vl.configuration_florence_vl import FlorenceVLConfig  # noqa: E402
+from florence_vl.configuration_florence_vl import IMAGE_TOKENS, FlorenceVLConfig  # noqa: E402
 
 # Dimensions of the fixture's tiny checkpoint (Florence-2 tower, BART encoder, LLM).
 TINY_VISION = dict(
@@ -82,13 +84,17 @@ TINY_TEXT = {
 }
 
 
+# The image token of each tiny tokenizer (the fixture's <|reserved_special_token_0|>, the tiny Phi-3's <|placeholder1|>).
+TINY_IMAGE_TOKEN_IDS = {"llama": 5, "phi3": 8}
+
+
 def tiny_config(llm: str = "llama", **overrides) -> FlorenceVLConfig:
     """A Florence-VL config with the fixture's tiny dimensions and the given LLM family."""
     return FlorenceVLConfig(
         vision_config=dict(TINY_VISION),
         encoder_config=dict(TINY_ENCODER),
         text_config=dict(TINY_TEXT[llm]),
-        image_token_id=TINY_TEXT[llm]["vocab_size"],
+        image_token_id=TINY_IMAGE_TOKEN_IDS[llm],
         **overrides,
     )
 
@@ -124,7 +130,8 @@ def tiny_processor(llm: str = "llama"):
     else:
         raise ValueError(f"unknown llm {llm!r}: use 'llama' or 'phi3'")
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    return FlorenceVLProcessor(tokenizer=tokenizer, chat_template=(CHAT_TEMPLATES / template).read_text())
+    return FlorenceVLProcessor(tokenizer=tokenizer, chat_template=(CHAT_TEMPLATES / template).read_text(),
+                               image_token=IMAGE_TOKENS[llm])
 
 
 def save_tiny_repo(folder, llm: str = "llama", seed: int = 0, **config_overrides) -> Path:

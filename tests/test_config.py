@@ -36,6 +36,9 @@ def test_defaults_are_the_release_settings():
     assert config.attend_prompt_padding is True
     assert config.projector_depth == 3 and config.projector_hidden_act == "gelu"
     assert config.image_seq_length == 577
+    # The 8B release's Llama-3.1 and its first reserved token as the image token (a row of the embedding table).
+    assert (config.text_config.vocab_size, config.text_config.hidden_size) == (128257, 4096)
+    assert config.image_token_id == 128002 < config.text_config.vocab_size
     assert config.vision_config.embed_dim == [256, 512, 1024, 2048]
     assert config.vision_config.projection_dim == 1024
     assert (config.encoder_config.d_model, config.encoder_config.encoder_layers) == (1024, 12)
@@ -77,7 +80,7 @@ def test_round_trip_keeps_every_field(tmp_path, llm):
 
 def test_llama31_rope_scaling_survives_save(tmp_path):
     text = dict(TINY_TEXT["llama"], rope_scaling=LLAMA31_ROPE, max_position_embeddings=131072)
-    config = FlorenceVLConfig(text_config=text)
+    config = FlorenceVLConfig(text_config=text, image_token_id=5)
     assert rope_of(config.text_config) == (500000.0, "llama3", 8.0)
     config.save_pretrained(tmp_path)
     saved_text = json.loads((tmp_path / "config.json").read_text())["text_config"]

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import convert_checkpoint as cc
+from florence_vl.configuration_florence_vl import RELEASE_IMAGE_TOKEN_IDS
 
 MANIFESTS = SHARED / "fixtures" / "real_size_manifests.json"
 OTHER_PYTHON = os.environ.get("FLORENCE_VL_OTHER_PYTHON")
@@ -28,6 +29,11 @@ LLAVA_KEYS = {
     "use_mm_proj": True, "torch_dtype": "bfloat16", "transformers_version": "4.43.1",
 }
 # Release configs as the original code saved them (LLaVA wrapper keys + the LLM's own), from the facts doc.
+def release_image_token_id(release: dict) -> int:
+    """The id the release's tokenizer gives its image token (no tokenizer ships in the manifests)."""
+    return RELEASE_IMAGE_TOKEN_IDS[cc.SUPPORTED[release["model_type"]][0]]
+
+
 RELEASES = {name: config for name, config in json.loads((ROOT / "benchmarks" / "real_releases.json").read_text()).items()
             if not name.startswith("_")}
 
@@ -83,7 +89,7 @@ def test_real_release_with_tower_in_shards(manifests, release_name):
     tensors = cc.inventory_from_manifest(manifests[release_name])
     shapes = {t.name: t.shape for t in tensors if t.name.startswith(cc.TOWER_PREFIX)}
     vision, encoder = cc.infer_vision_configs(shapes)  # no tower config reachable offline: inferred
-    config = cc.build_config(release, vision, encoder)
+    config = cc.build_config(release, vision, encoder, release_image_token_id(release))
     plan = cc.build_plan(tensors, *cc.target_shapes(config))
     check_full_coverage(plan, config)
     assert len(plan.mapped) + len(plan.dropped) == len(manifests[release_name])
@@ -101,7 +107,8 @@ def test_real_release_with_separate_tower_folder(manifests, release_name):
     tensors = cc.inventory_from_manifest(shards) + cc.inventory_from_manifest(
         tower_manifest, prefix=cc.TOWER_PREFIX, origin="tower")
     vision, encoder = cc.vision_configs_from_florence2(florence2_large_tower_config())
-    config = cc.build_config(RELEASES[release_name], vision, encoder)
+    config = cc.build_config(RELEASES[release_name], vision, encoder,
+                             release_image_token_id(RELEASES[release_name]))
     plan = cc.build_plan(tensors, *cc.target_shapes(config))
     check_full_coverage(plan, config)
     assert len(plan.mapped) + len(plan.dropped) == len(shards) + len(tower_manifest)
@@ -121,8 +128,9 @@ def test_inferred_and_declared_tower_configs_agree(manifests):
 @pytest.mark.parametrize("release_name", list(RELEASES))
 def test_real_release_configs_keep_llm_settings(release_name):
     release = RELEASES[release_name]
-    config = cc.build_config(release, *cc.vision_configs_from_florence2(florence2_large_tower_config()))
-    text = config.to_dict()["text_config"]
+    config = cc.build_config(release, *cc.vision_configs_from_florence2(florence2_large_tower_config()),
+                             release_image_token_id(release))
+    text = json.loads(config.to_json_string())["text_config"]  # as saved: with the keys 4.57 reads
     llava_only = {*LLAVA_KEYS, "mm_vision_tower"} - {"torch_dtype", "transformers_version"}
     assert not llava_only & set(text), llava_only & set(text)
     assert text["model_type"] == ("llama" if release["model_type"] == "llava_llama" else "phi3")
@@ -138,7 +146,13 @@ def test_real_release_configs_keep_llm_settings(release_name):
         assert scaling["type"] == "longrope" and len(scaling["long_factor"]) == 48
         assert text["original_max_position_embeddings"] == 4096
     assert config.projector_depth == 3
-    assert config.image_token_id == release["vocab_size"]  # past the embedding when no tokenizer is given
+
+
+@pytest.mark.parametrize("image_token_id", [128257, -1])
+def test_image_token_outside_the_embedding_table_is_refused(image_token_id):
+    release = RELEASES["florence_vl_8b_llava_llama"]
+    with pytest.raises(cc.ConversionError, match=f"image_token_id {image_token_id} is not a token"):
+        cc.build_config(release, *cc.vision_configs_from_florence2(florence2_large_tower_config()), image_token_id)
 
 
 # ---------------------------------------------------------------------------------------------------- Phi-3 (3B-style)
@@ -151,7 +165,7 @@ TINY_PHI = {
     "tie_word_embeddings": False, "mm_vision_tower": "vision_tower", **LLAVA_KEYS, "mm_hidden_size": 32,
     "torch_dtype": "float32",
 }
-PHI_SPECIAL = ["<|system|>", "<|end|>", "<|user|>", "<|assistant|>"]
+PHI_SPECIAL = ["<|system|>", "<|end|>", "<|user|>", "<|assistant|>", "<|placeholder1|>"]
 
 
 def build_tiny_phi_release(folder: Path) -> Path:
@@ -220,7 +234,7 @@ def test_phi3_release_converts_with_fused_projections(phi_release):
     assert config["text_config"]["model_type"] == "phi3"
     assert config["text_config"]["rope_scaling"]["type"] == "longrope"
     assert config["text_config"]["original_max_position_embeddings"] == 1024
-    assert config["image_token_id"] == 404  # 400 tokens + 4 Phi-3 specials, then <image>
+    assert config["image_token_id"] == 404  # <|placeholder1|>: 400 tokens + 4 Phi-3 specials, then it (table: 420)
     converted = load_file(str(out / "model.safetensors"))
     with safe_open(str(src / "model-00001-of-00002.safetensors"), "pt") as first, \
             safe_open(str(src / "model-00002-of-00002.safetensors"), "pt") as second:
@@ -241,7 +255,7 @@ def test_phi3_chat_format_and_generate(phi_release):
     processor = transformers.AutoProcessor.from_pretrained(out, trust_remote_code=True)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    assert prompt == "<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n<image>\nWhat is this?<|end|>\n<|assistant|>\n"
+    assert prompt == "<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n<|placeholder1|>\nWhat is this?<|end|>\n<|assistant|>\n"
     model = transformers.AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval()
     assert model.model.language_model.config.model_type == "phi3"
     inputs = processor(images=torch.rand(3, 40, 60), text=prompt, return_tensors="pt")
@@ -313,4 +327,4 @@ def test_converted_by_the_other_version_loads_here(tmp_path):
     rope = getattr(config.text_config, "rope_parameters", None) or {"rope_theta": config.text_config.rope_theta}
     assert rope["rope_theta"] == 500000.0 and config.text_config.rms_norm_eps == 1e-5
     processor = transformers.AutoProcessor.from_pretrained(out, trust_remote_code=True)
-    assert processor.tokenizer.convert_tokens_to_ids("<image>") == config.image_token_id == 400
+    assert processor.tokenizer.convert_tokens_to_ids(processor.image_token) == config.image_token_id == 5

@@ -24,7 +24,7 @@ def saved(tmp_path_factory):
 
 def inputs(device: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    text = torch.randint(8, 400, (12,), generator=generator)
+    text = torch.randint(9, 400, (12,), generator=generator)
     ids = torch.cat([text[:4], torch.full((SEQ,), 400), text[4:]])[None]
     pixels = torch.randn(1, 3, 768, 768, generator=generator)
     return {

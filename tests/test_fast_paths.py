@@ -39,9 +39,9 @@ def prompt(model, seed: int = 0) -> dict[str, torch.Tensor]:
     """One prompt [text ; image placeholders ; text] with its pixel values (float32)."""
     generator = torch.Generator().manual_seed(seed)
     vocab = model.config.text_config.vocab_size
-    ids = torch.cat([torch.randint(8, vocab, (5,), generator=generator),
+    ids = torch.cat([torch.randint(9, vocab, (5,), generator=generator),
                      torch.full((model.config.image_seq_length,), model.config.image_token_id),
-                     torch.randint(8, vocab, (4,), generator=generator)])[None]
+                     torch.randint(9, vocab, (4,), generator=generator)])[None]
     pixels = torch.randn(1, 3, 768, 768, generator=generator)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
 

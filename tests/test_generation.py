@@ -26,7 +26,7 @@ def sample(model, text_lengths: list[int], num_images: int, seed: int) -> tuple[
     vocab = model.config.text_config.vocab_size
     pieces = []
     for i, length in enumerate(text_lengths):
-        pieces.append(torch.randint(8, vocab, (length,), generator=generator))
+        pieces.append(torch.randint(9, vocab, (length,), generator=generator))
         if i < num_images:
             pieces.append(torch.full((SEQ,), model.config.image_token_id))
     pixels = torch.randn(num_images, 3, 768, 768, generator=generator, dtype=torch.float64)
@@ -71,7 +71,8 @@ def test_batch_with_left_padding_equals_one_by_one(model):
 def test_images_are_encoded_once_per_generate_call(model, monkeypatch):
     calls = []
     encode = model.model.get_image_features
-    monkeypatch.setattr(model.model, "get_image_features", lambda pv: calls.append(len(pv)) or encode(pv))
+    monkeypatch.setattr(model.model, "get_image_features",
+                        lambda pv, **kwargs: calls.append(len(pv)) or encode(pv, **kwargs))
     ids, pixels = sample(model, [3, 3, 3], 2, seed=5)
     generate(model, ids[None], pixels)
     assert calls == [2]

@@ -27,7 +27,7 @@ AUTO_CLASSES = ["AutoModelForImageTextToText", "AutoModelForCausalLM"] + (["Auto
 def sample_inputs(config, seed: int = 0) -> dict[str, torch.Tensor]:
     """One prompt with one image: text ids around the image's placeholder tokens."""
     generator = torch.Generator().manual_seed(seed)
-    text = torch.randint(8, config.text_config.vocab_size, (10,), generator=generator)
+    text = torch.randint(9, config.text_config.vocab_size, (10,), generator=generator)
     image = torch.full((config.image_seq_length,), config.image_token_id)
     return {
         "input_ids": torch.cat([text[:4], image, text[4:]])[None],
@@ -135,7 +135,7 @@ def test_folder_saved_here_loads_under_the_other_version(tmp_path):
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
     text = dict(TINY_TEXT["llama"], rope_scaling={**rope, "original_max_position_embeddings": 64})
     config = FlorenceVLConfig(
-        vision_config=TINY_VISION, encoder_config=TINY_ENCODER, text_config=text, image_token_id=400
+        vision_config=TINY_VISION, encoder_config=TINY_ENCODER, text_config=text, image_token_id=5
     )
     torch.manual_seed(0)
     model = FlorenceVLForConditionalGeneration(config).eval()

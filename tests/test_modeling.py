@@ -24,7 +24,7 @@ def prompt(model, *segments) -> torch.LongTensor:
     parts = [
         torch.full((SEQ,), model.config.image_token_id)
         if segment == "image"
-        else torch.randint(8, model.config.text_config.vocab_size, (segment,), generator=generator)
+        else torch.randint(9, model.config.text_config.vocab_size, (segment,), generator=generator)
         for segment in segments
     ]
     return torch.cat(parts)[None]
@@ -41,7 +41,7 @@ def model() -> FlorenceVLForConditionalGeneration:
 
 def test_image_features_have_one_row_per_visual_token(model):
     with torch.no_grad():
-        features = model.get_image_features(images(2))
+        features = model.get_image_features(images(2)).pooler_output
     assert features.shape == (2, SEQ, model.config.text_config.hidden_size)
 
 
@@ -50,7 +50,7 @@ def test_visual_tokens_replace_placeholders_in_order(model):
     pixel_values = images(2)
     with torch.no_grad():
         out = model(input_ids=input_ids, pixel_values=pixel_values, output_hidden_states=True)
-        expected = model.get_image_features(pixel_values)
+        expected = model.get_image_features(pixel_values).pooler_output
     embeddings = out.hidden_states[0][0]  # the LLM's input embeddings
     torch.testing.assert_close(embeddings[3 : 3 + SEQ], expected[0])
     torch.testing.assert_close(embeddings[7 + SEQ : 7 + 2 * SEQ], expected[1])
@@ -103,9 +103,13 @@ def test_placeholder_image_mismatch_names_both_counts(model, tokens, count):
         model(input_ids=input_ids, pixel_values=images(count))
 
 
-def test_placeholders_without_pixel_values(model):
-    with pytest.raises(ValueError, match=rf"{SEQ} image tokens.*but 0 images were given"):
-        model(input_ids=prompt(model, 2, "image"))
+def test_placeholders_without_pixel_values_are_plain_tokens(model):
+    """As on native VLMs (transformers' common tests rely on it): without images the ids are embedded as they are."""
+    input_ids = prompt(model, 2, "image")
+    with torch.no_grad():
+        out = model(input_ids=input_ids)
+        plain = model(inputs_embeds=model.get_input_embeddings()(input_ids))
+    torch.testing.assert_close(out.logits, plain.logits)
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 384, 384), (1, 1, 768, 768), (3, 768, 768)])
@@ -114,17 +118,22 @@ def test_pixel_values_of_the_wrong_shape(model, shape):
         model(input_ids=prompt(model, 2, "image"), pixel_values=torch.zeros(shape, dtype=torch.float64))
 
 
-def test_pixel_values_with_inputs_embeds_is_refused(model):
-    embeds = model.get_input_embeddings()(prompt(model, 4))
-    with pytest.raises(ValueError, match="pixel_values need input_ids"):
-        model(inputs_embeds=embeds, pixel_values=images(1))
+def test_pixel_values_with_inputs_embeds_find_the_placeholders_by_embedding(model):
+    input_ids = prompt(model, 3, "image", 3)
+    embeds = model.get_input_embeddings()(input_ids)
+    with torch.no_grad():
+        from_ids = model(input_ids=input_ids, pixel_values=images(1))
+        from_embeds = model(inputs_embeds=embeds, pixel_values=images(1))
+    torch.testing.assert_close(from_embeds.logits, from_ids.logits)
+    with pytest.raises(ValueError, match=rf"{SEQ} image tokens.*2 images were given"):
+        model(inputs_embeds=embeds, pixel_values=images(2))
 
 
 def test_breadth_features_batched_equal_one_prompt_at_a_time(model):
     """The single batched encoder pass computes what a loop over prompts and images computes."""
     encoder, config = model.model.breadth_encoder, model.config
     with torch.no_grad():
-        depth = model.model.get_depth_features(images(2))
+        depth = model.model.get_depth_features(images(2)).pooler_output
         batched = model.model.get_breadth_features(depth)
         for task in config.breadth_prompts:
             ids = torch.tensor(config.florence_prompts[task]["input_ids"])
@@ -138,7 +147,7 @@ def test_masking_prompt_padding_changes_only_padded_prompts():
     attended, masked = build(), build(attend_prompt_padding=False)
     masked.load_state_dict(attended.state_dict())
     with torch.no_grad():
-        depth = attended.model.get_depth_features(images(1))
+        depth = attended.model.get_depth_features(images(1)).pooler_output
         a = attended.model.get_breadth_features(depth)
         m = masked.model.get_breadth_features(depth)
     torch.testing.assert_close(a["<DENSE_REGION_CAPTION>"], m["<DENSE_REGION_CAPTION>"])  # no padding
@@ -151,11 +160,11 @@ def test_fused_features_choose_and_order_the_projector_input():
     assert len(model.model.dbfusion_projector.linears) == 2
     pixel_values = images(1)
     with torch.no_grad():
-        depth = model.model.get_depth_features(pixel_values)
+        depth = model.model.get_depth_features(pixel_values).pooler_output
         breadth = model.model.get_breadth_features(depth)
         assert list(breadth) == ["<OCR>"]
         expected = model.model.dbfusion_projector(torch.cat([breadth["<OCR>"], depth], dim=-1))
-        torch.testing.assert_close(model.get_image_features(pixel_values), expected)
+        torch.testing.assert_close(model.get_image_features(pixel_values).pooler_output, expected)
 
 
 @pytest.mark.parametrize("llm", ["llama", "phi3"])
@@ -195,7 +204,7 @@ def test_tied_word_embeddings_follow_the_text_config(tmp_path):
         vision_config=TINY_VISION,
         encoder_config=TINY_ENCODER,
         text_config=dict(TINY_TEXT["llama"], tie_word_embeddings=True),
-        image_token_id=400,
+        image_token_id=5,
     )
     assert config.tie_word_embeddings
     model = FlorenceVLForConditionalGeneration(config)

@@ -108,9 +108,9 @@ def test_features_logits_and_greedy_tokens_match_the_original(processor, model, 
     inputs = chat_inputs(processor, cases[index])
     pixel_values = inputs["pixel_values"].to(torch.float64)
     with torch.no_grad():
-        depth = model.model.get_depth_features(pixel_values)
+        depth = model.model.get_depth_features(pixel_values).pooler_output
         breadth = model.model.get_breadth_features(depth)
-        projected = model.get_image_features(pixel_values)
+        projected = model.get_image_features(pixel_values).pooler_output
         logits = model(**inputs).logits
         generated = model.generate(**inputs, do_sample=False, min_new_tokens=12, max_new_tokens=12)
     diffs = {

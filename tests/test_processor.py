@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -14,10 +15,14 @@ from safetensors.torch import load_file
 
 from conftest import CHAT_TEMPLATES, require_fixture, tiny_processor
 
+from florence_vl.configuration_florence_vl import IMAGE_TOKENS
+
 FIXTURE = require_fixture()
 CASES = json.loads((FIXTURE / "cases.json").read_text())["cases"]
 EXPECTED = load_file(str(FIXTURE / "expected.safetensors"))
 IMAGE_SEQ_LENGTH = 577
+LLAMA_IMAGE, PHI3_IMAGE = IMAGE_TOKENS["llama"], IMAGE_TOKENS["phi3"]
+MARKER = re.escape(LLAMA_IMAGE)
 # From the facts doc: pad colour, ImageNet mean/std, and the two default system prompts.
 PAD = (123, 116, 103)
 MEAN = (0.485, 0.456, 0.406)
@@ -81,7 +86,8 @@ def normalised(rgb: tuple[int, int, int]) -> torch.Tensor:
 def test_chat_template_renders_the_original_prompt(processor, index):
     case = CASES[index]
     rendered = processor.apply_chat_template(user_turn(fixture_image(index), case["question"]), add_generation_prompt=True)
-    assert rendered == case["prompt"]
+    # The same text, the image token standing where the original writes its `<image>` marker.
+    assert rendered == case["prompt"].replace("<image>", processor.image_token)
 
 
 @pytest.mark.parametrize("index", range(3))
@@ -105,17 +111,25 @@ def test_apply_chat_template_matches_fixture_ids_and_pixels(processor, index):
 @pytest.mark.parametrize("index", range(3))
 def test_plain_call_with_original_prompt_matches_fixture(processor, index):
     case = CASES[index]
-    out = processor(images=fixture_image(index), text=case["prompt"], return_tensors="pt")
+    # The original marks the image with the text `<image>`; here that place holds the image token.
+    prompt = case["prompt"].replace("<image>", processor.image_token)
+    out = processor(images=fixture_image(index), text=prompt, return_tensors="pt")
     assert "token_type_ids" not in out
     assert out["input_ids"][0].tolist() == expected_ids(index, processor.image_token_id)
     assert_pixels(out["pixel_values"], index)
 
 
 def test_image_token_and_length_are_configured(processor):
-    assert processor.image_token == "<image>"
+    assert processor.image_token == LLAMA_IMAGE
     assert processor.image_seq_length == IMAGE_SEQ_LENGTH
-    # The fixture tokenizer has 400 ids; the placeholder is the next one (past the LLM's embedding table).
-    assert processor.image_token_id == 400 == len(processor.tokenizer) - 1
+    # A reserved special token of the fixture tokenizer: inside the LLM's 400-row embedding table, no token added.
+    assert processor.image_token_id == 5
+    assert len(processor.tokenizer) == 400
+
+
+def test_unknown_image_token_is_refused(processor):
+    with pytest.raises(ValueError, match="<image>.*not a token of this tokenizer"):
+        type(processor)(tokenizer=processor.tokenizer, image_token="<image>")
 
 
 # ----------------------------------------------------------------------------------------- image inputs
@@ -241,7 +255,7 @@ def test_extreme_aspect_ratio_is_padded_centred(processor, size):
 
 # ----------------------------------------------------------------------------------------- markers and images
 def test_each_marker_expands_to_image_seq_length_tokens(processor):
-    text = "<image>\n<image>\nCompare them."
+    text = f"{LLAMA_IMAGE}\n{LLAMA_IMAGE}\nCompare them."
     out = processor(images=[[fixture_image(0), fixture_image(1)]], text=[text], return_tensors="pt")
     assert out["pixel_values"].shape == (2, 3, 768, 768)
     assert int((out["input_ids"] == processor.image_token_id).sum()) == 2 * IMAGE_SEQ_LENGTH
@@ -249,23 +263,23 @@ def test_each_marker_expands_to_image_seq_length_tokens(processor):
 
 
 def test_more_markers_than_images(processor):
-    with pytest.raises(ValueError, match=r"2 <image> markers but 1 images"):
-        processor(images=fixture_image(0), text="<image>\n<image>\nQ")
+    with pytest.raises(ValueError, match=rf"2 {MARKER} markers but 1 images"):
+        processor(images=fixture_image(0), text=f"{LLAMA_IMAGE}\n{LLAMA_IMAGE}\nQ")
 
 
 def test_images_without_markers(processor):
-    with pytest.raises(ValueError, match=r"0 <image> markers but 1 images"):
+    with pytest.raises(ValueError, match=rf"0 {MARKER} markers but 1 images"):
         processor(images=fixture_image(0), text="What is this?")
 
 
 def test_markers_without_images(processor):
-    with pytest.raises(ValueError, match=r"1 <image> markers but 0 images"):
-        processor(text="<image>\nWhat is this?")
+    with pytest.raises(ValueError, match=rf"1 {MARKER} markers but 0 images"):
+        processor(text=f"{LLAMA_IMAGE}\nWhat is this?")
 
 
 def test_per_sample_mismatch(processor):
-    with pytest.raises(ValueError, match=r"\[1, 1\] <image> markers per sample but \[2, 0\] images"):
-        processor(images=[[fixture_image(0), fixture_image(1)], []], text=["<image>\nA", "<image>\nB"])
+    with pytest.raises(ValueError, match=rf"\[1, 1\] {MARKER} markers per sample but \[2, 0\] images"):
+        processor(images=[[fixture_image(0), fixture_image(1)], []], text=[f"{LLAMA_IMAGE}\nA", f"{LLAMA_IMAGE}\nB"])
 
 
 def test_images_only(processor):
@@ -287,7 +301,7 @@ def test_multi_turn_llama3(processor):
     ]
     expected = (
         LLAMA_SYSTEM
-        + "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is it?<|eot_id|>"
+        + f"<|start_header_id|>user<|end_header_id|>\n\n{LLAMA_IMAGE}\nWhat is it?<|eot_id|>"
         + "<|start_header_id|>assistant<|end_header_id|>\n\nShapes.<|eot_id|>"
         + "<|start_header_id|>user<|end_header_id|>\n\nWhich colours?<|eot_id|>"
         + "<|start_header_id|>assistant<|end_header_id|>\n\n"
@@ -321,7 +335,7 @@ def test_image_after_text_is_rendered_where_it_occurs(processor):
     ]
     rendered = processor.apply_chat_template(chat, add_generation_prompt=True)
     assert rendered == (
-        LLAMA_SYSTEM + "<|start_header_id|>user<|end_header_id|>\n\nLook: <image>\nwhat is it?<|eot_id|>"
+        LLAMA_SYSTEM + f"<|start_header_id|>user<|end_header_id|>\n\nLook: {LLAMA_IMAGE}\nwhat is it?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
 
@@ -353,7 +367,7 @@ def test_batched_chats_are_left_padded(processor):
 def test_phi3_template_exact_string(phi3_processor):
     rendered = phi3_processor.apply_chat_template(user_turn(fixture_image(0), "Q"), add_generation_prompt=True)
     # Verbatim from the facts doc (Phi-3.5, 3B).
-    assert rendered == "<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n<image>\nQ<|end|>\n<|assistant|>\n"
+    assert rendered == f"<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n{PHI3_IMAGE}\nQ<|end|>\n<|assistant|>\n"
 
 
 def test_phi3_multi_turn_and_ids(phi3_processor):
@@ -363,7 +377,7 @@ def test_phi3_multi_turn_and_ids(phi3_processor):
     ]
     rendered = phi3_processor.apply_chat_template(chat, add_generation_prompt=True)
     assert rendered == (
-        PHI3_SYSTEM + "<|user|>\n<image>\nWhat is it?<|end|>\n<|assistant|>\nShapes.<|end|>\n"
+        PHI3_SYSTEM + f"<|user|>\n{PHI3_IMAGE}\nWhat is it?<|end|>\n<|assistant|>\nShapes.<|end|>\n"
         "<|user|>\nWhich colours?<|end|>\n<|assistant|>\n"
     )
     out = phi3_processor.apply_chat_template(
@@ -408,7 +422,7 @@ def test_save_and_auto_load(processor, tmp_path):
     assert (folder / "chat_template.jinja").read_text() == (CHAT_TEMPLATES / "llama3.jinja").read_text()
     processor_config = json.loads((folder / "processor_config.json").read_text())
     assert processor_config["image_seq_length"] == IMAGE_SEQ_LENGTH
-    assert processor_config["image_token"] == "<image>"
+    assert processor_config["image_token"] == LLAMA_IMAGE
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_florence_vl.FlorenceVLProcessor"
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     assert tokenizer_config["tokenizer_class"] != "TokenizersBackend"

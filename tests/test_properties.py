@@ -9,6 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from florence_vl.configuration_florence_vl import IMAGE_TOKENS
+
 SEQ = 577
 MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "I;16", "F"]
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -26,6 +28,7 @@ def images(draw) -> Image.Image:
     return base if mode == "L" else base.convert(mode)
 
 
+IMAGE_TOKEN = IMAGE_TOKENS["llama"]
 texts = st.text(st.characters(blacklist_categories=["Cs"]), max_size=40)
 
 
@@ -38,8 +41,8 @@ def messages(draw) -> tuple[list[dict], int, bool]:
     for _ in range(draw(st.integers(0, 2))):
         text = draw(texts)
         if draw(st.integers(0, 5)) == 0:
-            text += "<image>"
-        stray = stray or "<image>" in text
+            text += IMAGE_TOKEN  # a user typing the placeholder itself
+        stray = stray or IMAGE_TOKEN in text
         pieces.append({"type": "text", "text": text})
     order = draw(st.permutations(range(len(pieces))))
     return [{"role": "user", "content": [pieces[i] for i in order]}], num_images, stray

@@ -1,6 +1,7 @@
 """Build tests/assets/phi3_tiny_tokenizer offline: a 400-id byte-level BPE with Phi-3 special tokens.
 
-Phi-3/3.5-mini's tokenizer adds no BOS (add_bos_token false) and its chat tokens are special added tokens;
+Phi-3/3.5-mini's tokenizer adds no BOS (add_bos_token false) and its chat tokens (and <|placeholder1|>, the image token)
+are special added tokens;
 this miniature keeps those two properties (the real one is a SentencePiece BPE of 32064 ids).
 Run: python tests/assets/build_phi3_tiny_tokenizer.py
 """
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-SPECIALS = ["<unk>", "<s>", "</s>", "<|system|>", "<|end|>", "<|user|>", "<|assistant|>", "<|endoftext|>"]
+SPECIALS = ["<unk>", "<s>", "</s>", "<|system|>", "<|end|>", "<|user|>", "<|assistant|>", "<|endoftext|>", "<|placeholder1|>"]
 CORPUS = [
     "You are a helpful AI assistant.",
     "What is shown in the image? Describe it in detail. What is the text in the image?",
