@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import load_image
-from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin
+from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.utils import logging
 
 try:  # transformers 5.x: the PIL backend has its own class; plain `CLIPImageProcessor` is torchvision-based there.
@@ -218,7 +218,9 @@ class FlorenceVLProcessor(ProcessorMixin):
         )
 
     # ------------------------------------------------------------------ main call
-    def __call__(self, images: Any = None, text: Union[str, list[str], None] = None, **kwargs) -> BatchFeature:
+    def __call__(
+        self, images: Any = None, text: Union[str, list[str], None] = None, **kwargs: Unpack[FlorenceVLProcessorKwargs]
+    ) -> BatchFeature:
         """Tokenise `text` (each image token expanded to `image_seq_length` of them) and preprocess `images`.
 
         kwargs are routed per modality by transformers' `_merge_kwargs` (flat, or as `text_kwargs` /

@@ -162,6 +162,10 @@ class FlorenceVLModelTest(ModelTesterMixin, unittest.TestCase):
         "tests/test_generation.py tests generate")
 
 
+TOO_SHORT = ("transformers 4.57's test file hard-codes max_length 76 to 117, shorter than one image's 577 tokens "
+             "(5.x takes the lengths from the test class, and passes)")
+
+
 class FlorenceVLProcessorTest(ProcessorTesterMixin, unittest.TestCase):
     """transformers' ProcessorTesterMixin on the processor with the fixture's Llama-3 tokenizer and chat template."""
 
@@ -183,6 +187,11 @@ class FlorenceVLProcessorTest(ProcessorTesterMixin, unittest.TestCase):
         "remote code: save_pretrained gives the processor the `auto_map` that AutoProcessor needs to find this class, "
         "which a reloaded copy does not hold (native processors have none); test_processor.py checks the saved folder "
         "and the reloaded processor")
+
+    if IS_4X:  # 5.x reads the lengths from the attributes above; 4.57's test bodies hard-code them
+        test_kwargs_overrides_default_tokenizer_kwargs = test_structured_kwargs_nested = skipped(TOO_SHORT)
+        test_structured_kwargs_nested_from_dict = test_tokenizer_defaults_preserved_by_kwargs = skipped(TOO_SHORT)
+        test_unstructured_kwargs = test_unstructured_kwargs_batched = skipped(TOO_SHORT)
 
     # transformers 5.x builds the processor from these hooks (setUpClass); 4.x loads its parts from `tmpdirname`.
     @classmethod
