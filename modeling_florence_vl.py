@@ -220,6 +220,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
             position_ids=position_ids,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
+            return_dict=True,
             **kwargs,
         )
         return FlorenceVLModelOutputWithPast(

@@ -237,9 +237,11 @@ class FlorenceVLProcessor(ProcessorMixin):
         text_kwargs, image_kwargs = merged["text_kwargs"], merged["images_kwargs"]
         return_tensors = text_kwargs.pop("return_tensors", None) or image_kwargs.pop("return_tensors", None)
         image_kwargs.pop("return_tensors", None)
-        # 5.x keeps these two at the top level, 4.x in text_kwargs.
-        return_mm_token_type_ids = text_kwargs.pop("return_mm_token_type_ids", merged.get("return_mm_token_type_ids"))
-        return_offsets = text_kwargs.pop("return_text_replacement_offsets", merged.get("return_text_replacement_offsets"))
+        # 5.x routes these two to the top level; 4.x routes the first to text_kwargs and drops the second.
+        return_mm_token_type_ids, return_offsets = (
+            text_kwargs.pop(key, merged.get(key, kwargs.get(key)))
+            for key in ("return_mm_token_type_ids", "return_text_replacement_offsets")
+        )
 
         per_sample_images = self._images_per_sample(images)
         flat_images = [image for sample in per_sample_images for image in sample]

@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -471,3 +472,37 @@ def test_other_image_processor_backend_is_repinned_to_pil(processor):
     repinned = FlorenceVLProcessor(image_processor=other, tokenizer=processor.tokenizer)
     assert type(repinned.image_processor) is type(processor.image_processor)
     assert_pixels(pixels_of(repinned, fixture_image(1)), 1)
+
+
+# ----------------------------------------------------------------------------------------- serving-engine protocol
+def test_num_multimodal_tokens_is_577_tokens_and_one_patch_per_image(processor):
+    data = processor._get_num_multimodal_tokens(image_sizes=[(480, 640), (20, 4000), (1, 1)])
+    assert data.num_image_tokens == [IMAGE_SEQ_LENGTH] * 3
+    assert data.num_image_patches == [1] * 3
+    assert processor.replace_image_token({}, 0) == LLAMA_IMAGE * IMAGE_SEQ_LENGTH
+
+
+def test_mm_token_type_ids_mark_exactly_the_image_tokens(processor):
+    text = f"{LLAMA_IMAGE}\nA and {LLAMA_IMAGE}\nB"
+    out = processor(images=[fixture_image(0), fixture_image(1)], text=text, return_mm_token_type_ids=True)
+    ids, types = out["input_ids"][0], out["mm_token_type_ids"][0]
+    assert types == [int(i == processor.image_token_id) for i in ids]
+    assert sum(types) == 2 * IMAGE_SEQ_LENGTH
+
+
+@pytest.mark.skipif(transformers.__version__.startswith("4."), reason="replacement offsets are transformers 5.x's")
+def test_text_replacement_offsets_report_one_replacement_per_image(processor):
+    text = f"Look: {LLAMA_IMAGE}\nand {LLAMA_IMAGE}\nnow"
+    out = processor(images=[fixture_image(0), fixture_image(1)], text=text, return_text_replacement_offsets=True,
+                    return_tensors="pt")
+    offsets = out["text_replacement_offsets"][0]
+    assert [o["type"] for o in offsets] == ["image", "image"]
+    assert all(text[o["span"][0]:o["span"][1]] == LLAMA_IMAGE for o in offsets)
+    assert all(o["replacement"] == LLAMA_IMAGE * IMAGE_SEQ_LENGTH for o in offsets)
+    assert int((out["input_ids"] == processor.image_token_id).sum()) == 2 * IMAGE_SEQ_LENGTH
+
+
+@pytest.mark.skipif(not transformers.__version__.startswith("4."), reason="transformers 4.x only")
+def test_text_replacement_offsets_need_transformers_5(processor):
+    with pytest.raises(ValueError, match="needs transformers 5"):
+        processor(images=fixture_image(0), text=LLAMA_IMAGE, return_text_replacement_offsets=True)
