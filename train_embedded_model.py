@@ -14,9 +14,10 @@ count; chance 25% / 33% / 33%). The folder now takes 128x128 inputs (17 visual t
 instead of 2 s (batch 16, whole model). Measured since, with a plain AdamW loop over the same data (not yet this
 script): colour questions alone reach 100% held-out within 300 steps even with the Florence-2 side frozen at its
 random weights; all three questions mixed (Florence-2 frozen, lr 1e-3, 1,200 steps) reach 75% colour, 33% shape,
-12% count; the whole model trained on the mix stays at the prior's loss (about 0.27 per token) for at least 1,500
-steps (lr 1e-3 and 2e-3). Shape and count need the tower to learn spatial features, which this budget has not given
-yet; the next things to try are a curriculum (colour, then shape, then count) and more steps at 128x128.
+12% count; the whole model trained on the mix stays near the prior's loss (about 0.26 per token after 1,575
+steps at 256x256, lr 1e-3; 0.27 after 725 steps at 128x128, lr 2e-3; batch 16). Shape and count need the tower to
+learn spatial features, which this budget has not given yet; the next things to try are a curriculum (colour, then
+shape, then count) and more steps at 128x128.
 """
 
 from __future__ import annotations
