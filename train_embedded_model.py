@@ -16,8 +16,10 @@ script): colour questions alone reach 100% held-out within 300 steps even with t
 random weights; all three questions mixed (Florence-2 frozen, lr 1e-3, 1,200 steps) reach 75% colour, 33% shape,
 12% count; the whole model trained on the mix stays near the prior's loss (about 0.26 per token after 1,575
 steps at 256x256, lr 1e-3; 0.27 after 725 steps at 128x128, lr 2e-3; batch 16). Shape and count need the tower to
-learn spatial features, which this budget has not given yet; the next things to try are a curriculum (colour, then
-shape, then count) and more steps at 128x128.
+learn spatial features, which this budget has not given yet. A curriculum (whole model, 128x128, lr 1e-3, 3,000 steps
+of 16 in 8.5 min: colour only, then colour + shape, then all three) learned colour in its first third (loss 0.08)
+but ended at 62% colour, 38% shape, 25% count held-out: shape stayed at the prior through its 1,000 steps. Next to
+try: more steps for shape alone, a tower learning rate above the LLM's, and larger shapes in shape questions.
 """
 
 from __future__ import annotations
