@@ -235,8 +235,8 @@ class FlorenceVLProcessor(ProcessorMixin):
             FlorenceVLProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
         )
         text_kwargs, image_kwargs = merged["text_kwargs"], merged["images_kwargs"]
-        return_tensors = text_kwargs.pop("return_tensors", None) or image_kwargs.pop("return_tensors", None)
-        image_kwargs.pop("return_tensors", None)
+        return_tensors = image_kwargs.pop("return_tensors", None)  # a common kwarg: in both
+        return_tensors = text_kwargs.pop("return_tensors", None) or return_tensors
         # 5.x routes these two to the top level; 4.x routes the first to text_kwargs and drops the second.
         return_mm_token_type_ids, return_offsets = (
             text_kwargs.pop(key, merged.get(key, kwargs.get(key)))

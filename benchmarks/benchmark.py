@@ -39,7 +39,11 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
-from florence_vl.configuration_florence_vl import RELEASE_IMAGE_TOKEN_IDS, FlorenceVLConfig  # noqa: E402
+from florence_vl.configuration_florence_vl import (  # noqa: E402
+    LLAMA31_8B_TEXT,
+    RELEASE_IMAGE_TOKEN_IDS,
+    FlorenceVLConfig,
+)
 from florence_vl.modeling_florence_vl import FlorenceVLForConditionalGeneration  # noqa: E402
 
 IMAGE_TOKENS = 577
@@ -68,11 +72,7 @@ BASE = dict(
               rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=0, eos_token_id=2, pad_token_id=1),
 )
 REAL_TEXT = {
-    "8b": dict(model_type="llama", vocab_size=128257, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
-               rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-               bos_token_id=128000, eos_token_id=[128001, 128008, 128009], pad_token_id=128256),
+    "8b": dict(LLAMA31_8B_TEXT),  # the config default: the 8B release's Llama-3.1
     "3b": dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=131072,
                original_max_position_embeddings=4096, rope_theta=10000.0,
