@@ -115,6 +115,17 @@ class FlorenceVLConfig(PretrainedConfig):
 
     model_type = "florence_vl"
     sub_configs = {"vision_config": Florence2VisionConfig, "encoder_config": BartConfig, "text_config": AutoConfig}
+    # Tensor parallelism (vLLM, transformers' tp_plan). The LLM adds its own plan under `language_model.`. The breadth
+    # encoder is split by heads like the LLM: vLLM merges its k/v projections into one column-parallel layer whatever
+    # the plan says, so q and out_proj must be sharded to match (replicated, they broke TP=2). The DaViT stays replicated.
+    base_model_tp_plan = {
+        "breadth_encoder.layers.*.self_attn.q_proj": "colwise",
+        "breadth_encoder.layers.*.self_attn.k_proj": "colwise",
+        "breadth_encoder.layers.*.self_attn.v_proj": "colwise",
+        "breadth_encoder.layers.*.self_attn.out_proj": "rowwise",
+        "breadth_encoder.layers.*.fc1": "colwise",
+        "breadth_encoder.layers.*.fc2": "rowwise",
+    }
 
     def __init__(
         self,

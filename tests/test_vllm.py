@@ -193,14 +193,42 @@ def test_prompt_over_max_model_len_is_a_clear_error(llm):
         chat(llm, [conversation([image], "word " * MAX_MODEL_LEN)])
 
 
-def test_plans_cover_the_language_model(transformers_side):
+def test_plans_cover_the_language_model_and_the_breadth_encoder(transformers_side):
     """vLLM shards and pipelines by the base model's tp_plan / pp_plan: transformers composes the LLM's own plans under
-    `language_model.`; every entry names a real module, and the Florence-2 side (replicated) has none."""
+    `language_model.` and the config adds the breadth encoder's; every entry names a real module; the DaViT has none
+    (replicated)."""
     tp_plan, pp_plan, modules = (transformers_side[key] for key in ("tp_plan", "pp_plan", "modules"))
-    assert tp_plan and all(name.startswith("language_model.layers.*.") for name in tp_plan)
+    assert {name.split(".")[0] for name in tp_plan} == {"language_model", "breadth_encoder"}
+    assert {name for name in tp_plan if name.startswith("language_model.")} >= {
+        f"language_model.layers.*.self_attn.{proj}_proj" for proj in "qkvo"}
     assert all(pattern.replace("*", "0") in modules for pattern in tp_plan)
     assert list(pp_plan) == ["language_model.embed_tokens", "language_model.layers", "language_model.norm"]
     assert all(name in modules for name in pp_plan)
+
+
+def test_tensor_parallel_2_matches_transformers(folder, transformers_side):
+    """tensor_parallel_size=2 on two CPU cores (one vLLM worker each, in its own process): every rank's image
+    features equal transformers' (without the config's breadth-encoder plan they differed by about 0.5% and between
+    ranks), and the greedy tokens equal generate's. vLLM's apply_model pickles the probe to its workers, hence
+    VLLM_ALLOW_INSECURE_SERIALIZATION (local processes only)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip(f"tensor_parallel_size=2 on CPU needs 2 cores, one per worker; this machine allows {len(cores)}")
+    helper = ROOT / "tests" / "vllm_helpers" / "tensor_parallel_check.py"
+    from vllm_helpers.tensor_parallel_check import REPORT
+    case = json.loads((require_fixture() / "cases.json").read_text())["cases"][0]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}|{cores[1]}",
+           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "PYTHONPATH": str(helper.parent)}
+    result = subprocess.run([sys.executable, str(helper), str(folder), "2", str(require_fixture() / case["image"]),
+                             case["question"]], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith(REPORT)]
+    report = json.loads(line[len(REPORT):])
+    assert len(report["feature_diff_per_rank"]) == 2
+    assert max(report["feature_diff_per_rank"]) <= 1e-5 * report["feature_scale"], report
+    prompt_ids, new_tokens = transformers_side["generate"]["case0"]
+    assert report["prompt_ids"] == prompt_ids
+    assert until_eos(report["tokens"], transformers_side["eos"]) == new_tokens
 
 
 # ------------------------------------------------------------------------------------------ OpenAI-compatible server
@@ -291,3 +319,16 @@ def test_server_refuses_a_prompt_over_max_model_len(client):
     image, _ = fixture_cases()[0]
     with pytest.raises(openai.BadRequestError, match=f"maximum context length is {MAX_MODEL_LEN} tokens"):
         ask_server(client, [image], "word " * MAX_MODEL_LEN)
+
+
+def test_throughput_benchmark_runs(tmp_path):
+    """benchmarks/vllm_throughput.py (the README's throughput row) still runs: the embedded size, 2 requests."""
+    out = tmp_path / "result.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vllm_throughput.py"), "--size", "embedded",
+                             "--requests", "2", "--new-tokens", "4", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["transformers_seconds"] > 0 and report["vllm_seconds"] > 0
+    assert report["ratio"] == pytest.approx(report["transformers_seconds"] / report["vllm_seconds"])
+    assert "vLLM / transformers throughput" in result.stdout
