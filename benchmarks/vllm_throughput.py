@@ -70,11 +70,11 @@ def requests(count: int, seed: int = 0) -> list[tuple[object, str]]:
     return pairs
 
 
-def time_transformers(folder: Path, pairs: list, new_tokens: int, dtype: torch.dtype) -> float:
+def time_transformers(folder: Path, pairs: list, new_tokens: int, dtype: torch.dtype, device: torch.device) -> float:
     """Seconds for transformers to answer all pairs as one batch (after a one-request warm-up)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=dtype).eval()
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=dtype).to(device).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 
     def run(batch: list) -> None:
@@ -82,7 +82,9 @@ def time_transformers(folder: Path, pairs: list, new_tokens: int, dtype: torch.d
         prompts = processor.apply_chat_template(chats, add_generation_prompt=True)
         inputs = processor(images=[[image] for image, _ in batch], text=prompts, padding=True, return_tensors="pt")
         with torch.no_grad():
-            model.generate(**inputs.to(dtype), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            model.generate(**inputs.to(device).to(dtype), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False)
+        benchmark.synchronize(device)
 
     run(pairs[:1])
     started = time.perf_counter()
@@ -116,20 +118,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="of the transformers side (vLLM uses its platform's device)")
     parser.add_argument("--json", type=Path, help="write every number here")
     args = parser.parse_args(argv)
-    dtype = getattr(torch, args.dtype)
+    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     import transformers
     import vllm
 
     pairs = requests(args.requests)
     with tempfile.TemporaryDirectory(prefix="florence_vl_vllm_bench_") as scratch:
         folder = build_folder(args.size, Path(scratch), dtype)
-        hf_seconds = time_transformers(folder, pairs, args.new_tokens, dtype)
+        hf_seconds = time_transformers(folder, pairs, args.new_tokens, dtype, device)
         vllm_seconds = time_vllm(folder, pairs, args.new_tokens, dtype)
     tokens = args.requests * args.new_tokens
     result = {
-        "machine": benchmark.machine(torch.device("cpu")), "vllm": vllm.__version__,
+        "machine": benchmark.machine(device), "vllm": vllm.__version__,
         "transformers": transformers.__version__, "size": args.size, "dtype": args.dtype,
         "requests": args.requests, "new_tokens": args.new_tokens,
         "transformers_seconds": hf_seconds, "vllm_seconds": vllm_seconds, "ratio": hf_seconds / vllm_seconds,
