@@ -3,7 +3,7 @@
     python train_embedded_model.py [--samples 6400] [--seed 0]
 
 Starts from seeded random weights of the folder's config (a miniature of the release: Llama-3 tokenizer and chat
-template, a 3-stage DaViT, a 2-layer BART encoder over the three Florence-2 prompts, DBFusion, a 2-layer Llama), trains
+template, a 4-stage DaViT, a 2-layer BART encoder over the three Florence-2 prompts, DBFusion, a 2-layer Llama), trains
 with the paper's two stages (stage 1: everything; stage 2: Florence-2 frozen), measures the accuracy per question on
 freshly generated held-out images, and writes the weights into the folder (model.safetensors) only if every question
 reaches --min-accuracy: the embedded default must not pretend to know what it does not.
