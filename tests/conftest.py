@@ -4,6 +4,7 @@ the fixture folder, and tiny Florence-VL configs."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 import types
@@ -97,6 +98,16 @@ def tiny_config(llm: str = "llama", **overrides) -> FlorenceVLConfig:
         image_token_id=TINY_IMAGE_TOKEN_IDS[llm],
         **overrides,
     )
+
+
+# ```python blocks of a model card, each optionally preceded by a `<!-- card-test: ... -->` marker.
+CARD_BLOCK = re.compile(r"(?P<marker><!-- card-test: [^>]*-->\n)?```python\n(?P<code>.*?)```", re.S)
+VLLM_MARKER = "<!-- card-test: vllm -->"  # blocks that need vLLM: tests/test_vllm.py runs them, in .venv-vllm
+
+
+def card_python_blocks(text: str) -> list[tuple[str, str]]:
+    """(marker, code) of every ```python block of a card, in order; marker "" when there is none."""
+    return [((match["marker"] or "").strip(), match["code"]) for match in CARD_BLOCK.finditer(text)]
 
 
 def require_fixture() -> Path:

@@ -17,12 +17,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, require_fixture
+from conftest import ROOT, VLLM_MARKER, card_python_blocks, require_fixture
 
 README = ROOT / "README.md"
 HUB_ID = "test-org/florence-vl-tiny"
 CUDA_MARKER = "<!-- card-test: skip-without-cuda -->"
-BLOCK = re.compile(r"(?P<marker><!-- card-test: [^>]*-->\n)?```python\n(?P<code>.*?)```", re.S)
 
 
 def front_matter(text: str) -> dict:
@@ -32,8 +31,8 @@ def front_matter(text: str) -> dict:
 
 
 def python_blocks(text: str) -> list[tuple[str, bool]]:
-    """(code, needs_cuda) of every ```python block, in order."""
-    return [(m["code"], (m["marker"] or "").strip() == CUDA_MARKER) for m in BLOCK.finditer(text)]
+    """(code, needs_cuda) of every ```python block that transformers alone runs, in order (not the vLLM ones)."""
+    return [(code, marker == CUDA_MARKER) for marker, code in card_python_blocks(text) if marker != VLLM_MARKER]
 
 
 def test_front_matter():
@@ -83,6 +82,14 @@ def test_cuda_only_snippets():
     if not torch.cuda.is_available():
         pytest.skip(f"{len(cuda_blocks)} README block(s) marked {CUDA_MARKER} need CUDA (none here); "
                     "test_usage_snippets_run_in_order runs them where CUDA exists")
+
+
+def test_vllm_snippets_are_marked():
+    """The vLLM blocks carry VLLM_MARKER: tests/test_vllm.py runs them (offline engine, then the OpenAI client against
+    its server), here they are left out."""
+    vllm_blocks = [code for marker, code in card_python_blocks(README.read_text()) if marker == VLLM_MARKER]
+    assert len(vllm_blocks) == 2 and "from vllm import LLM" in vllm_blocks[0] and "OpenAI(" in vllm_blocks[1]
+    assert not any("vllm" in code or "OpenAI(" in code for code, _ in python_blocks(README.read_text()))
 
 
 def hub_cache_with(folder: Path, repo_id: str, hf_home: Path) -> None:

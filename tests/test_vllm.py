@@ -30,7 +30,7 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed here: scripts/t
 import vllm.exceptions  # noqa: E402
 
 import torch  # noqa: E402
-from conftest import ROOT, require_fixture  # noqa: E402
+from conftest import ROOT, VLLM_MARKER, card_python_blocks, require_fixture  # noqa: E402
 from PIL import Image  # noqa: E402
 
 MAX_NEW_TOKENS = 12
@@ -246,7 +246,7 @@ def server(folder, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-               "--served-model-name", "florence-vl", "--host", "127.0.0.1", "--port", str(port),
+               "--host", "127.0.0.1", "--port", str(port),
                "--trust-remote-code", "--model-impl", "transformers", "--dtype", "float32",
                "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--seed", "0"]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
@@ -277,15 +277,17 @@ def server(folder, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(server):
+def client(server, folder):
     import openai
 
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="not-needed", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="not-needed", max_retries=0, timeout=120)
+    client.served_model = str(folder)  # vLLM's served name: its --model argument
+    return client
 
 
 def ask_server(client, images: list[Image.Image], question: str):
     return client.chat.completions.create(
-        model="florence-vl", messages=conversation(images, question, as_url=True), max_tokens=MAX_NEW_TOKENS,
+        model=client.served_model, messages=conversation(images, question, as_url=True), max_tokens=MAX_NEW_TOKENS,
         temperature=0.0, extra_body={"add_special_tokens": True, "return_token_ids": True},
     )
 
@@ -308,7 +310,7 @@ def test_server_refuses_a_non_image_url(client):
     not_an_image = "data:image/png;base64," + base64.b64encode(b"this is text, not a PNG").decode()
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
-            model="florence-vl", max_tokens=2, messages=[{"role": "user", "content": [
+            model=client.served_model, max_tokens=2, messages=[{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": not_an_image}}, {"type": "text", "text": "What is it?"}]}])
     image, question = fixture_cases()[0]
     assert ask_server(client, [image], question).choices[0].token_ids  # still serving
@@ -333,3 +335,16 @@ def test_throughput_benchmark_runs(tmp_path):
     assert report["transformers_seconds"] > 0 and report["vllm_seconds"] > 0
     assert report["ratio"] == pytest.approx(report["transformers_seconds"] / report["vllm_seconds"])
     assert "vLLM / transformers throughput" in result.stdout
+
+
+def test_readme_snippets_run(folder, server, monkeypatch, capfd):
+    """The README's vLLM blocks run as written (MODEL = the embedded folder; the client's URL = the test's server)."""
+    blocks = [code for marker, code in card_python_blocks((ROOT / "README.md").read_text()) if marker == VLLM_MARKER]
+    assert len(blocks) == 2
+    monkeypatch.chdir(ROOT)  # the blocks read assets/example.png
+    namespace = {"__name__": "__readme__", "MODEL": str(folder)}
+    for index, code in enumerate(blocks):
+        code = code.replace("http://127.0.0.1:8000", server)
+        exec(compile(code, f"README.md vLLM block {index}", "exec"), namespace)
+    assert namespace["outputs"][0].outputs[0].token_ids and namespace["reply"].choices[0].message.content is not None
+    assert capfd.readouterr().out.strip()
