@@ -109,10 +109,13 @@ def transformers_side(folder) -> dict:
     results["three_images"] = generate([image for image, _ in cases[:3]], MULTI_IMAGE_QUESTION)
     results["text_only"] = generate([], TEXT_ONLY_QUESTION)
     server_answer = processor.decode(results["case3"][1], skip_special_tokens=True)
+    from vllm_helpers.tensor_parallel_check import image_features
+
+    reference_features = image_features(model)
     with torch.device("meta"):
         base = AutoModel.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=True), trust_remote_code=True)
     modules = {name for name, _ in base.named_modules()}
-    return {"eos": eos, "generate": results, "case3_text": server_answer, "tp_plan": dict(base.tp_plan), "pp_plan": dict(base.pp_plan),
+    return {"eos": eos, "generate": results, "case3_text": server_answer, "image_features": reference_features, "tp_plan": dict(base.tp_plan), "pp_plan": dict(base.pp_plan),
             "modules": modules}
 
 
@@ -162,6 +165,17 @@ def test_several_images_in_one_prompt_match_generate(llm, transformers_side):
 def test_text_only_prompt_matches_generate(llm, transformers_side):
     (output,) = chat(llm, [conversation([], TEXT_ONLY_QUESTION)])
     assert_same(output, transformers_side, "text_only")
+
+
+def test_image_features_equal_transformers(llm, transformers_side):
+    """The visual tokens vLLM computes with its own layers swapped in (its linear, conv, layer-norm and fused classes)
+    equal transformers': a stronger check than the tokens of the random-weight model, which barely depend on the image."""
+    from vllm_helpers.tensor_parallel_check import image_features
+
+    (features,) = llm.apply_model(image_features)
+    reference = transformers_side["image_features"]
+    assert features.shape == reference.shape
+    assert (features - reference).abs().max() <= 1e-5 * reference.abs().max()
 
 
 def test_image_features_come_from_the_model_seam(llm, folder):
