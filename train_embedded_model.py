@@ -22,6 +22,8 @@ Measured with plain AdamW loops over the same data (scratch scripts, not yet thi
 - Whole model, curriculum (colour, then + shape, then all three; 2,500 steps, 14 min with the machine mostly to
   itself), re-initialised tower: 68% colour, 30% shape, 22% count held-out. Earlier (3-stage stem, transformers init):
   colour alone 100% within 300 steps, the mix at the prior's loss, a 3,000-step curriculum 62% / 38% / 25%.
+- Re-initialised tower frozen for 300 colour-only steps (projector + LLM learn to read it: 50% colour), then
+  everything on all three for 1,200 steps: 32% colour, 42% shape, 22% count (6 min).
 Next to try: the tower pre-shaped on the task by a first stage with a direct answer head is not the users' recipe;
 within finetune.py: the re-initialised tower with a warm-up of the projector and LLM on colour only (so that the
 LLM reads the image before shape gradients reach the tower), a larger learning rate for the tower than for the LLM,
