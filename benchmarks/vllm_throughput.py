@@ -34,6 +34,7 @@ import benchmark  # noqa: E402  (sets the offline Hub, exposes the repo as packa
 import torch  # noqa: E402
 from ask import REMOTE_CODE, materialise_embedded_model  # noqa: E402
 from shapes_data import QUESTIONS, draw_scene, random_scene  # noqa: E402
+from train_embedded_model import chat_batch  # noqa: E402
 
 SIZES = ("base", "embedded")
 
@@ -78,9 +79,7 @@ def time_transformers(folder: Path, pairs: list, new_tokens: int, dtype: torch.d
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 
     def run(batch: list) -> None:
-        chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}] for _, q in batch]
-        prompts = processor.apply_chat_template(chats, add_generation_prompt=True)
-        inputs = processor(images=[[image] for image, _ in batch], text=prompts, padding=True, return_tensors="pt")
+        inputs = chat_batch(processor, [image for image, _ in batch], [question for _, question in batch])
         with torch.no_grad():
             model.generate(**inputs.to(device).to(dtype), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                            do_sample=False)

@@ -179,8 +179,8 @@ def test_image_features_equal_transformers(llm, transformers_side):
 
 
 def test_image_features_come_from_the_model_seam(llm, folder):
-    """The visual tokens vLLM splices in are our get_image_features(...).pooler_output: one image's 577-long row of
-    placeholders in the prompt becomes image_seq_length features (checked through the prompt ids vLLM built)."""
+    """vLLM expands one image into image_seq_length placeholders (the processor's replace_image_token), the rows that
+    get_image_features(...).pooler_output fills (checked through the prompt ids vLLM built)."""
     config = json.loads((folder / "config.json").read_text())
     image, question = fixture_cases()[0]
     (output,) = chat(llm, [conversation([image], question)])
