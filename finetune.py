@@ -166,6 +166,9 @@ def training_arguments(args: argparse.Namespace) -> Any:
     from transformers import TrainingArguments
 
     use_bf16 = args.torch_dtype == torch.bfloat16
+    # transformers 5.x renamed gradient_checkpointing to activation_checkpointing; the old name warns on every run.
+    checkpointing = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                     else "gradient_checkpointing")
     return TrainingArguments(
         output_dir=str(args.output_dir),
         per_device_train_batch_size=args.batch_size,
@@ -178,9 +181,10 @@ def training_arguments(args: argparse.Namespace) -> Any:
         weight_decay=0.0,
         bf16=use_bf16,
         fp16=args.torch_dtype == torch.float16,
-        gradient_checkpointing=args.gradient_checkpointing,
-        # Non-reentrant checkpointing also back-propagates through blocks whose inputs need no grad (frozen tower, LoRA).
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **{checkpointing: args.gradient_checkpointing,
+           # Non-reentrant checkpointing also back-propagates through blocks whose inputs need no grad (frozen tower,
+           # LoRA).
+           f"{checkpointing}_kwargs": {"use_reentrant": False}},
         logging_steps=1,
         # Checkpoints to resume from (--resume), the newest two kept; the final model is saved on its own.
         save_strategy="steps" if args.save_steps > 0 else "no",
