@@ -158,6 +158,12 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         encoded = encoded[:, :num_tokens].unflatten(0, (num_images, len(tasks)))
         return {task: encoded[:, i] for i, task in enumerate(tasks)}
 
+    def fuse_features(self, depth_features: torch.Tensor) -> torch.Tensor:
+        """DBFusion's concatenation: the depth feature and every prompt's breadth feature on channels, in the
+        config's `fused_features` order (what the DBFusion projector reads)."""
+        features = {DEPTH_FEATURE: depth_features, **self.get_breadth_features(depth_features)}
+        return torch.cat([features[name] for name in self.config.fused_features], dim=-1)
+
     @can_return_tuple
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         """DBFusion: depth and breadth features concatenated on channels and projected to the LLM width.
@@ -166,9 +172,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         `last_hidden_state`, `hidden_states` and `attentions` are the DaViT tower's (as Florence-2 returns them).
         """
         depth = self.get_depth_features(pixel_values, **kwargs)
-        features = {DEPTH_FEATURE: depth.pooler_output, **self.get_breadth_features(depth.pooler_output)}
-        fused = torch.cat([features[name] for name in self.config.fused_features], dim=-1)
-        depth.pooler_output = self.dbfusion_projector(fused)
+        depth.pooler_output = self.dbfusion_projector(self.fuse_features(depth.pooler_output))
         return depth
 
     def get_placeholder_mask(

@@ -24,7 +24,7 @@ needs_trained_weights = pytest.mark.skipif(
     not ask.EMBEDDED_WEIGHTS.is_file(),
     reason="no trained weights ship yet (train_embedded_model.py has not reached 90% per question; README, "
            "'The embedded tiny model')")
-HELD_OUT_SEED = 987_654  # training draws from seeds 1 and 2 (train_embedded_model.STAGES); this one is never used
+HELD_OUT_SEED = 987_654  # training draws from seeds 0, 1 and 2 (train_embedded_model.main); this one is never used
 PER_QUESTION = 40
 
 
@@ -95,6 +95,23 @@ def test_ask_answers_from_another_directory_and_prints_only_the_answer(tmp_path)
         assert result.stdout == f"Q: {COLOUR_QUESTION}\nA: red\n"
     # One notice that the embedded model is in use, and nothing else (no library warnings, no loading bars).
     assert result.stderr.strip().splitlines() == [ask.EMBEDDED_NOTICE], result.stderr
+
+
+def test_stage0_pretraining_lowers_the_loss_and_trains_only_florence2(tmp_path):
+    from safetensors.torch import load_file
+
+    folder = ask.materialise_embedded_model(tmp_path / "start", seed=0, random_weights=True)
+    before = load_file(folder / "model.safetensors")
+    losses, accuracy = train_embedded_model.pretrain_florence2(folder, images=32, steps=20, learning_rate=3e-4, seed=0)
+    # Per-step losses are noisy (random batches, flips, dropout): compare the first and last five.
+    assert len(losses) == 20 and sum(losses[-5:]) < sum(losses[:5]), losses
+    assert set(accuracy) == {"count", "colour", "shape"}
+    after = load_file(folder / "model.safetensors")
+    florence2 = [name for name in before if name.startswith(tuple(f"model.{m}." for m in finetune.TOWER_MODULES))]
+    assert florence2 and any(not before[name].equal(after[name]) for name in florence2)
+    # The LLM and the DBFusion projector are left for finetune.py's stages.
+    rest = [name for name in before if name.startswith(("model.language_model.", "model.dbfusion_projector."))]
+    assert rest and all(before[name].equal(after[name]) for name in rest)
 
 
 def test_training_lowers_the_loss_within_a_few_steps(tmp_path):
