@@ -114,9 +114,10 @@ def labelled_images(processor: Any, count: int, seed: int) -> tuple[Any, Any]:
 
 def pretrain_florence2(folder: Path, images: int, steps: int, learning_rate: float,
                        seed: int) -> tuple[list[float], dict[str, float]]:
-    """Stage 0: train the DaViT tower and its projection to name each image's count, colour and shape (three linear
-    heads on the depth features, then discarded), and save the model back into `folder`; returns the loss of every
-    step and the heads' accuracy per attribute on held-out images (one image in 16, never trained on)."""
+    """Stage 0: train the Florence-2 side (DaViT tower, its projection, the BART encoder) to name each image's count,
+    colour and shape (three linear heads on the fused depth and breadth features, then discarded), and save the model
+    back into `folder`; returns the loss of every step and the heads' accuracy per attribute on held-out images (one
+    image in 16, never trained on)."""
     import math
 
     import torch
