@@ -161,6 +161,20 @@ def apply_lora(model: Any, stage: int, rank: int, alpha: int) -> Any:
     return get_peft_model(model, config)
 
 
+def optimizer_cls_and_kwargs(model: Any, training_args: Any, tower: set[int], vision_learning_rate: float) -> tuple:
+    """The Trainer's optimizer with the Florence-2 side (parameter ids in `tower`) in its own group at
+    `vision_learning_rate`: LLaVA's mm_vision_tower_lr, so that a randomly initialised projector or LLM does not wreck
+    what the tower has learnt while stage 1 trains it end to end."""
+    from transformers import Trainer
+
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args, model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in tower]},
+              {"params": [p for p in trainable if id(p) in tower], "lr": vision_learning_rate}]
+    kwargs["params"] = [group for group in groups if group["params"]]
+    return optimizer_cls, kwargs
+
+
 def training_arguments(args: argparse.Namespace) -> Any:
     """TrainingArguments of the recipe: gradient checkpointing on, bf16 on GPUs, nothing reported anywhere."""
     from transformers import TrainingArguments
@@ -229,6 +243,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--lora-alpha", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1e-5, help="paper: 1e-5 (8B), 9e-5 (3B stage 2)")
+    parser.add_argument("--vision-learning-rate", type=float,
+                        help="learning rate of the Florence-2 side in stage 1 (default: --learning-rate)")
     parser.add_argument("--lr-scheduler", default="cosine", help="constant, linear, cosine, ...")
     parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=1, help="per device")
@@ -245,6 +261,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.device = resolve_device(args.device)
     args.torch_dtype = resolve_dtype(args.dtype, args.device)
+    if args.vision_learning_rate is not None and (args.stage == 2 or args.lora):
+        raise UsageError("--vision-learning-rate is for stage 1 without --lora: the Florence-2 side is frozen otherwise")
     args.data = user_path(args.data)
     args.output_dir = prepare_output_dir(args.output_dir, args.overwrite or args.resume)
     return args
@@ -258,6 +276,7 @@ def train(args: argparse.Namespace, model_path: str) -> Any:
     samples = load_samples(args.data)  # before the model: bad data fails fast
     model, processor = load_model_and_processor(model_path, args.torch_dtype)
     freeze_for_stage(model, args.stage)
+    tower = {id(p) for name in TOWER_MODULES for p in getattr(model.model, name).parameters()}
     if args.lora:
         model = apply_lora(model, args.stage, args.lora_rank, args.lora_alpha)
     dataset = ChatDataset(processor, samples)
@@ -265,8 +284,12 @@ def train(args: argparse.Namespace, model_path: str) -> Any:
     total = sum(p.numel() for p in model.parameters())
     print(f"stage {args.stage}{' + LoRA' if args.lora else ''}: {trainable:,} of {total:,} parameters trainable, "
           f"{len(dataset)} samples")
-    trainer = Trainer(model=model, args=training_arguments(args), train_dataset=dataset,
-                      data_collator=Collator(pad_token_id(processor, model)))
+    training_args = training_arguments(args)
+    optimizer = None
+    if args.vision_learning_rate is not None:
+        optimizer = optimizer_cls_and_kwargs(model, training_args, tower, args.vision_learning_rate)
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
+                      data_collator=Collator(pad_token_id(processor, model)), optimizer_cls_and_kwargs=optimizer)
     result = trainer.train(resume_from_checkpoint=True if args.resume else None)
     print(f"train loss {result.training_loss:.4f} after {result.global_step} steps")
     save(trainer, processor, args.output_dir)

@@ -104,6 +104,25 @@ def test_stage1_trains_everything_and_lowers_the_loss(tiny_repo_factory, data_fi
     assert any(not torch.equal(v, model.model.vision_tower.state_dict()[k]) for k, v in tower_before.items())
 
 
+def test_vision_learning_rate_sets_the_florence2_side_apart(tiny_repo_factory, data_file, tmp_path):
+    folder = tiny_repo_factory("llama")
+    before_model, _ = load(folder)
+    # Learning rate 0 for the Florence-2 side: it gets gradients (stage 1) but must not move; the rest must.
+    trainer = run_training(folder, data_file, tmp_path / "stage1", "--stage", "1", "--max-steps", "1",
+                           "--vision-learning-rate", "0")
+    assert sorted(group["lr"] for group in trainer.optimizer.param_groups) == [0.0, 1e-3]
+    old, new = before_model.state_dict(), trainer.model.state_dict()
+    tower = [k for k in old if any(f"model.{m}." in k for m in finetune.TOWER_MODULES)]
+    assert tower and all(torch.equal(old[k], new[k]) for k in tower)
+    assert not torch.equal(old["lm_head.weight"], new["lm_head.weight"])
+
+
+@pytest.mark.parametrize("flags", [["--stage", "2"], ["--stage", "1", "--lora"]])
+def test_vision_learning_rate_is_refused_where_the_tower_is_frozen(tiny_repo_factory, data_file, tmp_path, flags):
+    with pytest.raises(finetune.UsageError, match="--vision-learning-rate"):
+        run_training(tiny_repo_factory("llama"), data_file, tmp_path / "out", *flags, "--vision-learning-rate", "1e-5")
+
+
 def test_stage2_freezes_the_tower_and_checkpoint_reloads(tiny_repo_factory, data_file, tmp_path):
     folder = tiny_repo_factory("llama")
     before_model, processor = load(folder)
