@@ -2,8 +2,8 @@
 
     python app.py [--model PATH_OR_REPO] [--host 127.0.0.1] [--port 7860]
 
-Without --model it serves the embedded tiny model (assets/tiny-florence-vl), fully offline (see README: its weights
-are random until its trained ones ship). Needs `pip install -r requirements-app.txt` (Gradio 6, which needs
+Without --model it serves the embedded tiny model (assets/tiny-florence-vl), fully offline (see README: it knows
+only coloured shapes). Needs `pip install -r requirements-app.txt` (Gradio 6, which needs
 huggingface_hub >= 1, i.e. transformers 5.x; with transformers 4.57 install gradio==5.50.0 instead).
 """
 
@@ -149,12 +149,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         os.environ["GRADIO_TEMP_DIR"] = str(Path(scratch) / "uploads")  # uploads go with it
         model_path, title = args.model, "Florence-VL"
         if model_path is None:
-            from ask import EMBEDDED_NOTICE, EMBEDDED_WEIGHTS, materialise_embedded_model
+            from ask import EMBEDDED_NOTICE, materialise_embedded_model
 
             print(EMBEDDED_NOTICE)
             model_path = str(materialise_embedded_model(Path(scratch) / "tiny-florence-vl"))
-            title = "Florence-VL (embedded tiny model: " + (
-                "coloured shapes only)" if EMBEDDED_WEIGHTS.is_file() else "random weights)")
+            title = "Florence-VL (embedded tiny model: coloured shapes only)"
         else:
             model_path = resolve_model(model_path)
         demo = build_demo(Chat(model_path, args.device, args.max_new_tokens, args.dtype), title)

@@ -3,10 +3,9 @@
     python ask.py --image assets/example.png --question "What colour is the shape?" [--model PATH_OR_REPO]
 
 Without --model it runs the embedded tiny model (assets/tiny-florence-vl): a miniature of the release (Llama-3
-tokenizer and chat template, DaViT, the Florence-2 encoder over the three prompts, DBFusion, a small Llama). Until its
-trained weights ship (train_embedded_model.py; see README), its weights are RANDOM (seeded) and its answers
-gibberish: it shows that the code path of a converted release runs (remote code, processor, pipeline), not that it
-answers. Real answers need a converted release (--model).
+tokenizer and chat template, DaViT, the Florence-2 encoder over the three prompts, DBFusion, a small Llama) trained
+here on one synthetic task (train_embedded_model.py): the colour, shape or count of the coloured shapes in an image. It
+knows nothing else: real answers need a converted release (--model).
 """
 
 from __future__ import annotations
@@ -24,22 +23,18 @@ from cli_common import (DEFAULT_MAX_NEW_TOKENS, add_runtime_args, quiet_librarie
 ROOT = Path(__file__).resolve().parent
 EMBEDDED_MODEL = ROOT / "assets" / "tiny-florence-vl"
 EMBEDDED_WEIGHTS = EMBEDDED_MODEL / "model.safetensors"
-EMBEDDED_NOTICE = (
-    "No --model given: the embedded tiny model, which knows only coloured shapes (see README)."
-    if EMBEDDED_WEIGHTS.is_file()
-    else "No --model given: the embedded tiny model with RANDOM weights (its answers are gibberish; see README)."
-)
+EMBEDDED_NOTICE = "No --model given: the embedded tiny model, which knows only coloured shapes (see README)."
 REMOTE_CODE = ("configuration_florence_vl.py", "modeling_florence_vl.py", "processing_florence_vl.py")
 
 
 def materialise_embedded_model(folder: Path, seed: int = 0, random_weights: bool = False) -> Path:
     """Write the embedded tiny model into `folder`: its config, tokenizer and this repo's code, and its trained
-    weights, or seeded random ones where none ship (or `random_weights`: training's starting point)."""
+    weights, or seeded random ones with `random_weights` (training's starting point)."""
     ignore = shutil.ignore_patterns("*.safetensors") if random_weights else None
     shutil.copytree(EMBEDDED_MODEL, folder, dirs_exist_ok=True, ignore=ignore)
     for name in REMOTE_CODE:
         shutil.copy(ROOT / name, folder / name)
-    if not (folder / "model.safetensors").is_file():
+    if random_weights:
         import torch
         from transformers import AutoConfig, AutoModelForImageTextToText
 

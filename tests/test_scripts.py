@@ -73,7 +73,6 @@ def test_ask_relative_model_folder_from_another_directory(tiny_repo_factory, els
 
 def test_ask_sh_runs_from_another_directory_with_relative_paths(tmp_path):
     """The README's main command, exactly: it sets up .venv itself on first use (minutes on a fresh clone)."""
-    import ask
     import shapes_data
 
     image = tmp_path / "shape.png"
@@ -85,10 +84,8 @@ def test_ask_sh_runs_from_another_directory_with_relative_paths(tmp_path):
     result = subprocess.run([str(ROOT / "ask.sh"), "--image", "../shape.png", "--question", "What shape is it?"],
                             cwd=elsewhere, env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    # Nothing but the answer lines on stdout (random weights' gibberish may itself hold line breaks).
-    assert result.stdout.startswith("Q: What shape is it?\nA: "), result.stdout[:500]
-    if ask.EMBEDDED_WEIGHTS.is_file():  # trained weights: the right word
-        assert result.stdout == "Q: What shape is it?\nA: square\n"
+    # Nothing but the answer lines on stdout, with the right word.
+    assert result.stdout == "Q: What shape is it?\nA: square\n", result.stdout[:500]
     if fresh:  # the first run said what it installs
         assert "[1/2] torch 2.13.0" in result.stderr and "Virtualenv ready" in result.stderr, result.stderr[-3000:]
     # The one environment runs every script: the LoRA, demo and conversion dependencies are there too.
