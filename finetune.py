@@ -161,7 +161,8 @@ def apply_lora(model: Any, stage: int, rank: int, alpha: int) -> Any:
     return get_peft_model(model, config)
 
 
-def optimizer_cls_and_kwargs(model: Any, training_args: Any, tower: set[int], vision_learning_rate: float) -> tuple:
+def optimizer_cls_and_kwargs(model: Any, training_args: Any, tower: set[int],
+                             vision_learning_rate: float) -> tuple[type, dict[str, Any]]:
     """The Trainer's optimizer with the Florence-2 side (parameter ids in `tower`) in its own group at
     `vision_learning_rate`: LLaVA's mm_vision_tower_lr, so that a randomly initialised projector or LLM does not wreck
     what the tower has learnt while stage 1 trains it end to end."""
