@@ -161,14 +161,20 @@ def apply_lora(model: Any, stage: int, rank: int, alpha: int) -> Any:
     return get_peft_model(model, config)
 
 
-def optimizer_cls_and_kwargs(model: Any, training_args: Any, tower: set[int],
+def florence2_parameters(model: Any) -> list[torch.nn.Parameter]:
+    """The Florence-2 side's parameters (TOWER_MODULES: what stage 2 freezes) of an unwrapped Florence-VL model."""
+    return [p for name in TOWER_MODULES for p in getattr(model.model, name).parameters()]
+
+
+def optimizer_cls_and_kwargs(model: Any, training_args: Any,
                              vision_learning_rate: float) -> tuple[type, dict[str, Any]]:
-    """The Trainer's optimizer with the Florence-2 side (parameter ids in `tower`) in its own group at
-    `vision_learning_rate`: LLaVA's mm_vision_tower_lr, so that a randomly initialised projector or LLM does not wreck
-    what the tower has learnt while stage 1 trains it end to end."""
+    """The Trainer's optimizer with the Florence-2 side in its own group at `vision_learning_rate`: LLaVA's
+    mm_vision_tower_lr, so that a randomly initialised projector or LLM does not wreck what the tower has learnt while
+    stage 1 trains it end to end."""
     from transformers import Trainer
 
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args, model)
+    tower = {id(p) for p in florence2_parameters(model)}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if id(p) not in tower]},
               {"params": [p for p in trainable if id(p) in tower], "lr": vision_learning_rate}]
@@ -277,7 +283,6 @@ def train(args: argparse.Namespace, model_path: str) -> Any:
     samples = load_samples(args.data)  # before the model: bad data fails fast
     model, processor = load_model_and_processor(model_path, args.torch_dtype)
     freeze_for_stage(model, args.stage)
-    tower = {id(p) for name in TOWER_MODULES for p in getattr(model.model, name).parameters()}
     if args.lora:
         model = apply_lora(model, args.stage, args.lora_rank, args.lora_alpha)
     dataset = ChatDataset(processor, samples)
@@ -288,7 +293,7 @@ def train(args: argparse.Namespace, model_path: str) -> Any:
     training_args = training_arguments(args)
     optimizer = None
     if args.vision_learning_rate is not None:
-        optimizer = optimizer_cls_and_kwargs(model, training_args, tower, args.vision_learning_rate)
+        optimizer = optimizer_cls_and_kwargs(model, training_args, args.vision_learning_rate)  # never with LoRA
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
                       data_collator=Collator(pad_token_id(processor, model)), optimizer_cls_and_kwargs=optimizer)
     result = trainer.train(resume_from_checkpoint=True if args.resume else None)

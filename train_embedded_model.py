@@ -127,14 +127,14 @@ def pretrain_florence2(folder: Path, images: int, steps: int, learning_rate: flo
                        seed: int) -> tuple[list[float], dict[str, float]]:
     """Stage 0: train the Florence-2 side (DaViT tower, its projection, the BART encoder) to name each image's count,
     colour and shape (three linear heads on the fused depth and breadth features, then discarded), and save the model
-    back into `folder`; returns the loss of every step and the heads' accuracy per attribute on held-out images (one
+    back into `folder`; returns the loss of every step and the heads' accuracy per question on held-out images (one
     image in 16, never trained on)."""
     import math
 
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from finetune import TOWER_MODULES
+    from finetune import florence2_parameters
 
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
@@ -160,7 +160,7 @@ def pretrain_florence2(folder: Path, images: int, steps: int, learning_rate: flo
         return list(head(torch.cat([fused.mean(1), fused.flatten(1)], dim=1)).split(splits, dim=1))
 
     # Florence-2's side, as finetune.py's stage 2 names it: the tower, its projection and the BART encoder.
-    parameters = [p for name in TOWER_MODULES for p in getattr(model.model, name).parameters()] + [*head.parameters()]
+    parameters = florence2_parameters(model) + [*head.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
     warmup = min(30, steps // 5 + 1)  # short runs (the smoke test) train at full rate soon
     scheduler = torch.optim.lr_scheduler.LambdaLR(
