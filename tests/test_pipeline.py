@@ -43,14 +43,19 @@ def pipe(loaded):
     return pipeline("image-text-to-text", model=str(folder), trust_remote_code=True)
 
 
-_REFERENCE: dict[int, tuple[list[int], str]] = {}
+@pytest.fixture(scope="module")
+def reference(loaded) -> tuple[list[int], str]:
+    """Greedy generate + decode of the new tokens for IMAGE_PATH, the way a user would without the pipeline.
 
-
-def reference(processor, model, image) -> tuple[list[int], str]:
-    """Greedy generate + decode of the new tokens for IMAGE_PATH, the way a user would without the pipeline."""
-    if id(model) not in _REFERENCE:
-        _REFERENCE[id(model)] = _generate_reference(processor, model, image)
-    return _REFERENCE[id(model)]
+    A fixture of `loaded`, so each model gets its own (a cache keyed by id(model) mixed the two models up when the
+    first one's id was reused after it was freed)."""
+    _, processor, model = loaded
+    inputs = encode(processor, Image.open(IMAGE_PATH))
+    with torch.no_grad():
+        out = model.generate(**inputs, **GREEDY)
+    new = out[0, inputs["input_ids"].shape[1] :]
+    assert len(new) == MAX_NEW_TOKENS or new[-1].item() in _eos_ids(model)
+    return out[0].tolist(), processor.decode(new, skip_special_tokens=True)
 
 
 def encode(processor, image):
@@ -64,33 +69,23 @@ def encode(processor, image):
     )
 
 
-def _generate_reference(processor, model, image) -> tuple[list[int], str]:
-    inputs = encode(processor, image)
-    with torch.no_grad():
-        out = model.generate(**inputs, **GREEDY)
-    new = out[0, inputs["input_ids"].shape[1] :]
-    assert len(new) == MAX_NEW_TOKENS or new[-1].item() in _eos_ids(model)
-    return out[0].tolist(), processor.decode(new, skip_special_tokens=True)
-
-
 def _eos_ids(model) -> set[int]:
     eos = model.generation_config.eos_token_id
     return set(eos if isinstance(eos, list) else [eos])
 
 
-def test_auto_processor_and_generate(loaded):
-    folder, processor, model = loaded
+def test_auto_processor_and_generate(loaded, reference):
+    _, processor, model = loaded
     assert type(processor).__name__ == "FlorenceVLProcessor"
     assert model.config.image_token_id == processor.image_token_id
-    ids, text = reference(processor, model, Image.open(IMAGE_PATH))
+    ids, text = reference
     assert ids.count(processor.image_token_id) == processor.image_seq_length
     assert isinstance(text, str)
 
 
 @pytest.mark.parametrize("source", ["pil", "path"])
-def test_pipeline_chat_matches_generate(loaded, pipe, source):
-    _, processor, model = loaded
-    full_ids, expected_text = reference(processor, model, Image.open(IMAGE_PATH))
+def test_pipeline_chat_matches_generate(reference, pipe, source):
+    full_ids, expected_text = reference
     block = {"type": "image", "image": Image.open(IMAGE_PATH)} if source == "pil" else {"type": "image", "path": str(IMAGE_PATH)}
 
     new_text = pipe(text=chat(block), return_full_text=False, generate_kwargs=GREEDY)
@@ -103,9 +98,9 @@ def test_pipeline_chat_matches_generate(loaded, pipe, source):
     assert full[-1] == {"role": "assistant", "content": expected_text}
 
 
-def test_pipeline_plain_images_and_text(loaded, pipe):
-    _, processor, model = loaded
-    _, expected_text = reference(processor, model, Image.open(IMAGE_PATH))
+def test_pipeline_plain_images_and_text(loaded, reference, pipe):
+    _, processor, _ = loaded
+    _, expected_text = reference
     prompt = processor.apply_chat_template(chat({"type": "image", "image": None}), add_generation_prompt=True)
     out = pipe(images=Image.open(IMAGE_PATH), text=prompt, return_full_text=False, generate_kwargs=GREEDY)
     assert out[0]["generated_text"] == expected_text
@@ -113,11 +108,11 @@ def test_pipeline_plain_images_and_text(loaded, pipe):
     assert out[0]["generated_text"] == expected_text
 
 
-def test_streaming_equals_decode(loaded):
+def test_streaming_equals_decode(loaded, reference):
     from transformers import TextIteratorStreamer
 
     _, processor, model = loaded
-    _, expected_text = reference(processor, model, Image.open(IMAGE_PATH))
+    _, expected_text = reference
     inputs = encode(processor, Image.open(IMAGE_PATH))
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=120)
     thread = threading.Thread(target=model.generate, kwargs={**inputs, **GREEDY, "streamer": streamer})
@@ -127,7 +122,7 @@ def test_streaming_equals_decode(loaded):
     assert "".join(pieces) == expected_text
 
 
-def test_batched_generation_is_left_padded(loaded):
+def test_batched_generation_is_left_padded(loaded, reference):
     _, processor, model = loaded
     chats = [
         chat({"type": "image", "image": Image.open(IMAGE_PATH)}),
@@ -140,7 +135,7 @@ def test_batched_generation_is_left_padded(loaded):
     assert not inputs["attention_mask"][1, 0]
     with torch.no_grad():
         out = model.generate(**inputs, **GREEDY)
-    _, expected_text = reference(processor, model, Image.open(IMAGE_PATH))
+    _, expected_text = reference
     first = processor.post_process_image_text_to_text(out[:, inputs["input_ids"].shape[1] :])[0]
     # Same prompt alone and in a left-padded batch: same greedy answer (float32 on CPU).
     assert first == expected_text
@@ -180,10 +175,10 @@ print("RESULT" + json.dumps(result))
     reason="set FLORENCE_VL_OTHER_PYTHON to the other transformers version's python (e.g. .venv-tf4/bin/python) "
     "to check that folders saved here load there",
 )
-def test_folder_saved_here_loads_in_other_version(loaded):
+def test_folder_saved_here_loads_in_other_version(loaded, reference):
     import transformers
 
-    folder, processor, model = loaded
+    folder, processor, _ = loaded
     run = subprocess.run(
         [OTHER_PYTHON, "-c", _OTHER_SCRIPT, str(folder), str(IMAGE_PATH), QUESTION, str(MAX_NEW_TOKENS)],
         capture_output=True,
@@ -199,5 +194,5 @@ def test_folder_saved_here_loads_in_other_version(loaded):
     assert result["keys"] == sorted(inputs.keys())
     assert result["input_ids"] == inputs["input_ids"][0].tolist()
     assert result["pixel_sum"] == pytest.approx(float(inputs["pixel_values"].double().sum()), abs=1e-6)
-    ids, _ = reference(processor, model, Image.open(IMAGE_PATH))
+    ids, _ = reference
     assert result["generated"] == ids
