@@ -1,6 +1,6 @@
 """The synthetic visual task the embedded tiny model is trained on: coloured shapes on a light background.
 
-Each image has any size from about 100 to 1000 px per side (aspect ratio up to 1:2.5), a plain light background of a
+Each image has any size from 100 to 1000 px per side (so any aspect ratio up to 1:10), a plain light background of a
 random shade, and 1 to 3 filled shapes of ONE kind (circle, square, triangle) and ONE colour (red, green, blue, yellow),
 each colour drawn in a random shade. Three questions, each answered with one word:
 
@@ -35,6 +35,7 @@ COLOURS = {
     "blue": ((0, 60), (0, 110), (160, 255)),
     "yellow": ((215, 255), (195, 240), (0, 60)),
 }
+MIN_SIDE, MAX_SIDE = 100, 1000  # image sides in pixels
 BACKGROUND = (205, 255)  # light shades, per channel, at most 25 apart so that they stay greyish
 
 
@@ -87,15 +88,16 @@ def draw_scene(scene: Scene, rng: random.Random, size: tuple[int, int] | None = 
     if scene.shape not in SHAPES or scene.colour not in COLOURS or scene.count not in (1, 2, 3):
         raise ValueError(f"cannot draw {scene}: shape in {SHAPES}, colour in {tuple(COLOURS)}, count 1 to 3")
     while True:
-        if size is None:
-            short = rng.randint(100, 1000)
-            long = min(1000, int(short * rng.uniform(1.0, 2.5)))
-            width, height = (short, long) if rng.random() < 0.5 else (long, short)
+        if size is None:  # each side on its own: every aspect ratio up to 1:10, most of them moderate
+            width, height = rng.randint(MIN_SIDE, MAX_SIDE), rng.randint(MIN_SIDE, MAX_SIDE)
         else:
             width, height = size
-        # Shapes scale with the short side; three of them must fit, so they are smaller when there are more.
-        scale = {1: (0.35, 0.7), 2: (0.25, 0.45), 3: (0.22, 0.35)}[scene.count]
-        sizes = [int(min(width, height) * rng.uniform(*scale)) for _ in range(scene.count)]
+        # Shapes scale with the short side; three of them must fit, so they are smaller when there are more. An
+        # elongated image has room along its long side: its shapes grow, up to 0.8 of the short side, so that they do
+        # not shrink to a few pixels once the image is padded to a square.
+        low, high = {1: (0.35, 0.7), 2: (0.25, 0.45), 3: (0.22, 0.35)}[scene.count]
+        grow = min(max(width, height) / min(width, height), 0.8 / high)
+        sizes = [int(min(width, height) * rng.uniform(low * grow, high * grow)) for _ in range(scene.count)]
         corners = _place(rng, width, height, sizes)
         if corners is not None:
             break
