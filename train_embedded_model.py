@@ -32,9 +32,10 @@ What the recipe rests on (seed 0; held-out colour / shape / count, 40 images per
   98.5-100%, but the LLM stages read the padded view, and on images with aspect ratios spread evenly up to 1:10 colour
   collapsed to one word after both stages (25% / 60% / 84%, 100 images per question), as it did with the tower frozen
   from the start (stage 2 alone: 15% / 38% / 58%) and in a plain PyTorch loop (10% / 45% / 50%). With the padding, the
-  same images, stages and rates: 100% / 52.5% / 97.5% (for shape, see the next-but-one point). That mismatch also explains why the earlier recipe, on images up to 1:2.5, was fragile: whether colour was
-  learnt depended on the seed and on the order of stage 0's images, and with one learning rate for everything in stage
-  1 it collapsed to "yellow" (25% / 76% / 95%).
+  same images, stages and rates: 100% / 52.5% / 97.5% (shape: see the third point). The mismatch is the likely cause
+  (not re-measured) of the earlier recipe's fragility on images up to 1:2.5: whether colour was learnt depended on the
+  seed and on the order of stage 0's images, and with one learning rate for everything in stage 1 it collapsed to
+  "yellow" (25% / 76% / 95%).
 - Stage 1 trains the Florence-2 side at a third of the rate of the rest (--vision-learning-rate), three epochs, so that
   gradients through the untrained projector and LLM do not undo stage 0 (measured with the stretched stage 0: 1e-4
   and 3e-4 both learnt colour where 1e-3 did not; three epochs instead of two gained 6 points of count).

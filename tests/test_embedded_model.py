@@ -1,6 +1,7 @@
 """The embedded tiny model (assets/tiny-florence-vl) really answers its task: held-out accuracy per question (on the
-task's images and on elongated ones), answers that follow the image when only the asked-about attribute changes, the main job's right word from another directory
-(and nothing else printed); and the training recipe's smoke tests (stage 0 and finetune.py's first steps)."""
+task's images and on elongated ones), answers that follow the image when only the asked-about attribute changes, the
+main job's right word from another directory (and nothing else printed); and the training recipe's smoke tests (stage 0
+and finetune.py's first steps)."""
 
 from __future__ import annotations
 
