@@ -83,9 +83,8 @@ QUANTIZATIONS = {
     "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
 }
 # Measured on the embedded model's trained weights (transformers 4.57.6 and 5.23.0 alike): top-1 agreement / relative
-# logit error int8 100% / 0.0052, nf4 96.9% / 0.022, fp4 99.0% / 0.031 (the previous trained weights: 100% / 0.0061,
-# 99.0% / 0.027, 97.9% / 0.027); float32 random weights agree on 0.0% of the steps. (Its random weights, before
-# training, had flat logits: 99.0% / 58.3% / 31.2% agreement.) Bounds with margin:
+# logit error int8 100% / 0.0052, nf4 96.9% / 0.022, fp4 99.0% / 0.031; float32 random weights agree on 0.0% of the
+# steps. (Its random weights, before training, had flat logits: 99.0% / 58.3% / 31.2% agreement.) Bounds with margin:
 MIN_TOP1_AGREEMENT = {"int8": 0.95, "nf4": 0.9, "fp4": 0.85}
 MAX_RELATIVE_LOGIT_ERROR = {"int8": 0.02, "nf4": 0.08, "fp4": 0.08}
 
