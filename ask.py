@@ -17,14 +17,16 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from cli_common import (DEFAULT_MAX_NEW_TOKENS, add_runtime_args, quiet_libraries, resolve_device, resolve_dtype,
-                        resolve_image, resolve_model, run)
+from cli_common import (DEFAULT_MAX_NEW_TOKENS, add_runtime_args, quiet_libraries, register_model_package,
+                        resolve_device, resolve_dtype, resolve_image, resolve_model, run)
+
+register_model_package()
+from florence_vl.configuration_florence_vl import REMOTE_CODE_FILES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 EMBEDDED_MODEL = ROOT / "assets" / "tiny-florence-vl"
 EMBEDDED_WEIGHTS = EMBEDDED_MODEL / "model.safetensors"
 EMBEDDED_NOTICE = "No --model given: the embedded tiny model, which knows only coloured shapes (see README)."
-REMOTE_CODE = ("configuration_florence_vl.py", "modeling_florence_vl.py", "processing_florence_vl.py")
 
 
 def materialise_embedded_model(folder: Path, seed: int = 0, random_weights: bool = False) -> Path:
@@ -32,7 +34,7 @@ def materialise_embedded_model(folder: Path, seed: int = 0, random_weights: bool
     weights, or seeded random ones with `random_weights` (training's starting point)."""
     ignore = shutil.ignore_patterns("*.safetensors") if random_weights else None
     shutil.copytree(EMBEDDED_MODEL, folder, dirs_exist_ok=True, ignore=ignore)
-    for name in REMOTE_CODE:
+    for name in REMOTE_CODE_FILES:
         shutil.copy(ROOT / name, folder / name)
     if random_weights:
         import torch

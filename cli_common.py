@@ -8,12 +8,23 @@ import argparse
 import logging
 import os
 import sys
+import types
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
+ROOT = Path(__file__).resolve().parent
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_MAX_NEW_TOKENS = 256  # one default everywhere: long enough for a real release's detailed answer
+
+
+def register_model_package() -> None:
+    """Make the repo root importable as the package `florence_vl`: the model files import each other relatively, as
+    remote code must. The one way tools and tests import them."""
+    if "florence_vl" not in sys.modules:
+        package = types.ModuleType("florence_vl")
+        package.__path__ = [str(ROOT)]
+        sys.modules["florence_vl"] = package
 
 
 class UsageError(ValueError):

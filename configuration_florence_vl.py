@@ -7,6 +7,8 @@ from typing import Any, Optional, Union
 
 from transformers import AutoConfig, BartConfig, Florence2VisionConfig, PretrainedConfig
 
+from .compatibility_florence_vl import with_legacy_rope_keys
+
 # The three Florence-2 task prompts of the release, in release order, with the BART token ids the original
 # hard-codes (right-padded to 14 with the BART pad id 1).
 DEFAULT_FLORENCE_PROMPTS: dict[str, dict[str, Any]] = {
@@ -77,6 +79,11 @@ IMAGE_TOKENS = {"llama": "<|reserved_special_token_0|>", "phi3": "<|placeholder1
 # Their ids in the release tokenizers (Llama-3.1, Phi-3.5), for tools that work without a tokenizer at hand.
 RELEASE_IMAGE_TOKEN_IDS = {"llama": 128002, "phi3": 32002}
 
+# The remote-code files every model folder carries (the model's code, as `trust_remote_code` loads it).
+REMOTE_CODE_FILES = (
+    "configuration_florence_vl.py", "modeling_florence_vl.py", "processing_florence_vl.py", "compatibility_florence_vl.py",
+)
+
 # Every Auto class a user may call on a saved folder (`AutoModelForVision2Seq` exists in transformers 4.x only).
 AUTO_MAP = {
     "AutoConfig": "configuration_florence_vl.FlorenceVLConfig",
@@ -85,10 +92,6 @@ AUTO_MAP = {
     "AutoModelForVision2Seq": "modeling_florence_vl.FlorenceVLForConditionalGeneration",
     "AutoModelForCausalLM": "modeling_florence_vl.FlorenceVLForConditionalGeneration",
 }
-
-# Text-config keys that 4.57 reads and 5.x replaced by `rope_parameters` (see `_with_legacy_rope_keys`).
-_LEGACY_ROPE_KEYS = ("rope_theta", "rope_scaling")
-
 
 class FlorenceVLConfig(PretrainedConfig):
     """Configuration of [`FlorenceVLForConditionalGeneration`].
@@ -212,25 +215,10 @@ class FlorenceVLConfig(PretrainedConfig):
         in text_config, so that transformers 4.57 reads folders saved by 5.x; `to_dict` stays transformers' own."""
         data = json.loads(super().to_json_string(use_diff=use_diff))
         if isinstance(data.get("text_config"), dict):
-            data["text_config"] = _with_legacy_rope_keys(data["text_config"])
+            data["text_config"] = with_legacy_rope_keys(data["text_config"])
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
-
-
-def _with_legacy_rope_keys(text_config: dict[str, Any]) -> dict[str, Any]:
-    """Add 4.x `rope_theta`/`rope_scaling` next to 5.x `rope_parameters`, so 4.57 does not silently drop rope."""
-    rope = text_config.get("rope_parameters")
-    if not isinstance(rope, dict) or "rope_theta" not in rope or any(k in text_config for k in _LEGACY_ROPE_KEYS):
-        return text_config
-    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type == "default":
-        scaling = None
-    elif rope_type == "longrope":
-        # 4.57's Phi-3 config accepts exactly these three keys; the original length stays top-level.
-        scaling = {"type": "longrope", "short_factor": scaling["short_factor"], "long_factor": scaling["long_factor"]}
-    return {**text_config, "rope_theta": rope["rope_theta"], "rope_scaling": scaling}
 
 
 FlorenceVLConfig.register_for_auto_class()
 
-__all__ = ["FlorenceVLConfig"]
+__all__ = ["FlorenceVLConfig", "REMOTE_CODE_FILES"]

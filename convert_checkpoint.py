@@ -22,7 +22,6 @@ import string
 import struct
 import sys
 import tempfile
-import types
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,21 +30,18 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 ROOT = Path(__file__).resolve().parent
-# The model files use package-relative imports (remote code); expose the repo root as package `florence_vl`.
-if "florence_vl" not in sys.modules:
-    _package = types.ModuleType("florence_vl")
-    _package.__path__ = [str(ROOT)]
-    sys.modules["florence_vl"] = _package
 
-from cli_common import looks_like_hub_id  # noqa: E402
+from cli_common import looks_like_hub_id, register_model_package  # noqa: E402
+
+register_model_package()
 from florence_vl.configuration_florence_vl import (  # noqa: E402
     FLORENCE2_LARGE_ENCODER,
     FLORENCE2_LARGE_VISION,
     IMAGE_TOKENS,
+    REMOTE_CODE_FILES,
     FlorenceVLConfig,
 )
 
-REPO_FILES = ("configuration_florence_vl.py", "modeling_florence_vl.py", "processing_florence_vl.py")
 TOWER_PREFIX = "model.vision_tower.vision_tower."
 SUPPORTED = {"llava_llama": ("llama", "llama3"), "llava_phi": ("phi3", "phi3")}  # model_type -> (LLM, template)
 BASE_MODELS = {  # the release, and what the authors trained it from
@@ -709,7 +705,7 @@ def build_processor(src: Path, text_config: dict[str, Any], model_type: str) -> 
     the release's chat template."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from florence_vl.processing_florence_vl import FlorenceVLProcessor
+    from florence_vl.processing_florence_vl import FlorenceVLProcessor, florence_vl_tokenizer
 
     text_config = dict(text_config)
     try:  # given the LLM config: transformers cannot parse a `llava_*` config.json
@@ -720,7 +716,7 @@ def build_processor(src: Path, text_config: dict[str, Any], model_type: str) -> 
         raise ConversionError(f"the LLM tokenizer in {src} could not be loaded ({type(error).__name__}: {error})") from None
     llm, template = SUPPORTED[model_type]
     try:
-        return FlorenceVLProcessor(tokenizer=tokenizer, chat_template=chat_template(template),
+        return FlorenceVLProcessor(tokenizer=florence_vl_tokenizer(tokenizer), chat_template=chat_template(template),
                                    image_token=IMAGE_TOKENS[llm])
     except ValueError as error:
         raise ConversionError(f"the LLM tokenizer in {src}: {error}") from None
@@ -853,9 +849,8 @@ def convert(src: str, out: Optional[str], vision_tower: Optional[str] = None, dt
         processor.save_pretrained(str(staging))
         write_config(config, staging, dtype_name)
         write_generation_config(source.folder, source.release, staging)
-        for name in REPO_FILES:
-            if (ROOT / name).is_file():
-                shutil.copy2(ROOT / name, staging / name)
+        for name in REMOTE_CODE_FILES:
+            shutil.copy2(ROOT / name, staging / name)
         write_model_card(staging, model_type, src, config, sum(p.source.numel for p in plan.mapped),
                          repo_id or push_to_hub or str(out_path))
         publish_permissions(staging)

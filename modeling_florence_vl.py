@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-import transformers
 from torch import nn
 from transformers import AutoModel, Florence2VisionBackbone, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
@@ -23,10 +22,8 @@ from transformers.models.florence2.modeling_florence2 import (
 )
 from transformers.utils import can_return_tuple
 
+from .compatibility_florence_vl import TOWER_RETURNS_MODEL_OUTPUT, is_decode_step, keep_in_fp32_names
 from .configuration_florence_vl import DEPTH_FEATURE, FlorenceVLConfig
-
-# transformers 5.x's DaViT returns a ModelOutput and records hidden states/attentions; 4.x returns the bare grid.
-_TOWER_RECORDS_OUTPUTS = not transformers.__version__.startswith("4.")
 
 
 @dataclass
@@ -84,11 +81,8 @@ class FlorenceVLPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
 
     def _keep_full_precision(self, prefix: str) -> None:
-        """Declare the config's keep_in_fp32_modules the way this transformers reads them (per instance, before
-        post_init): 4.x wants bare module names (it checks them and matches them inside full names), 5.x matches from
-        the start of the full name, so it needs this model's prefix."""
-        prefix = "" if transformers.__version__.startswith("4.") else prefix
-        self._keep_in_fp32_modules = [prefix + name for name in self.config.keep_in_fp32_modules]
+        """Declare the config's keep_in_fp32_modules (per instance, before post_init) for modules under `prefix`."""
+        self._keep_in_fp32_modules = keep_in_fp32_names(self.config.keep_in_fp32_modules, prefix)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -124,7 +118,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         layer-normed; `last_hidden_state` is the DaViT grid as (images, tokens, channels)."""
         self._check_pixel_values(pixel_values)
         tower_dtype = self.vision_tower.convs[0].conv.weight.dtype
-        if _TOWER_RECORDS_OUTPUTS:
+        if TOWER_RETURNS_MODEL_OUTPUT:
             tower = self.vision_tower(pixel_values.to(tower_dtype), **kwargs)
         else:  # transformers 4.x: the tower returns its grid only and records no hidden states or attentions
             tower = BaseModelOutputWithPooling(last_hidden_state=self.vision_tower(pixel_values.to(tower_dtype)))
@@ -345,9 +339,7 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
     def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
         """Send pixel_values to the prefill step only: images are encoded once per `generate` call."""
         model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        # transformers 5.x drops pixel_values after prefill itself; 4.x forwards them on every step.
-        cache_position = kwargs.get("cache_position")
-        if cache_position is not None and kwargs.get("use_cache", True) and cache_position[0] != 0:
+        if is_decode_step(kwargs):
             model_inputs.pop("pixel_values", None)
         return model_inputs
 

@@ -126,8 +126,8 @@ def labelled_images(processor: Any, count: int, seed: int) -> tuple[Any, Any]:
     scenes = [random_scene(rng, COUNT_QUESTION) for _ in range(count)]  # 1 to 3 shapes: every head has an answer
     # Drawn and preprocessed a chunk at a time: thousands of full-size images would not fit in memory.
     # The model's own preprocessing (square padding included): stage 0 must see the images as the model will.
-    pixels = torch.cat([processor.preprocess_images([draw_scene(scene, rng) for scene in scenes[start:start + 256]],
-                                                    return_tensors="pt")["pixel_values"]
+    pixels = torch.cat([processor(images=[draw_scene(scene, rng) for scene in scenes[start:start + 256]],
+                                  return_tensors="pt")["pixel_values"]
                         for start in range(0, count, 256)])
     labels = torch.tensor([[words.index(scene.answer(question)) for question, words in HEADS.items()]
                            for scene in scenes])

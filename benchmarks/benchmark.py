@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -29,11 +28,10 @@ SHARED = Path(os.environ.get("FLORENCE_VL_SHARED", ROOT.parent / "shared"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The model files use package-relative imports (remote code); expose the repo root as package `florence_vl`.
-if "florence_vl" not in sys.modules:
-    _package = types.ModuleType("florence_vl")
-    _package.__path__ = [str(ROOT)]
-    sys.modules["florence_vl"] = _package
+sys.path.insert(0, str(ROOT))
+from cli_common import register_model_package  # noqa: E402
+
+register_model_package()
 
 import torch  # noqa: E402
 import transformers  # noqa: E402

@@ -61,13 +61,10 @@ class Footprint:
 
 def _bootstrap() -> None:
     """Make the repo importable as the package `florence_vl` (its files use package-relative imports)."""
-    import types
-
-    if "florence_vl" not in sys.modules:
-        package = types.ModuleType("florence_vl")
-        package.__path__ = [str(ROOT)]
-        sys.modules["florence_vl"] = package
     sys.path.insert(0, str(ROOT))
+    from cli_common import register_model_package
+
+    register_model_package()
 
 
 def config_footprint(config: "FlorenceVLConfig", name: str) -> Footprint:  # noqa: F821

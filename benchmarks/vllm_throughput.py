@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import benchmark  # noqa: E402  (sets the offline Hub, exposes the repo as package florence_vl)
 import torch  # noqa: E402
-from ask import REMOTE_CODE, materialise_embedded_model  # noqa: E402
+from ask import materialise_embedded_model  # noqa: E402
+from florence_vl.configuration_florence_vl import REMOTE_CODE_FILES  # noqa: E402
 from shapes_data import QUESTIONS, draw_scene, random_scene  # noqa: E402
 from train_embedded_model import chat_batch  # noqa: E402
 
@@ -56,7 +57,7 @@ def build_folder(size: str, folder: Path, dtype: torch.dtype) -> Path:
     model.config.image_token_id = processor.image_token_id
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    for name in REMOTE_CODE:
+    for name in REMOTE_CODE_FILES:
         shutil.copy(ROOT / name, out / name)
     return out
 
@@ -102,7 +103,7 @@ def time_vllm(folder: Path, pairs: list, new_tokens: int, dtype: torch.dtype) ->
     def run(batch: list) -> None:
         chats = [[{"role": "user", "content": [{"type": "image_pil", "image_pil": image},
                                                {"type": "text", "text": q}]}] for image, q in batch]
-        outputs = llm.chat(chats, params, use_tqdm=False, tokenization_kwargs={"add_special_tokens": True})
+        outputs = llm.chat(chats, params, use_tqdm=False)
         assert all(len(output.outputs[0].token_ids) == new_tokens for output in outputs)
 
     run(pairs[:1])

@@ -7,7 +7,6 @@ import os
 import re
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 # Before transformers is imported: nothing may reach the network or the user's cache.
@@ -24,12 +23,10 @@ collect_ignore = ["common_test_shims"]
 SHARED = Path(os.environ.get("FLORENCE_VL_SHARED", ROOT.parent / "shared"))
 FIXTURE = SHARED / "fixtures" / "florence_vl_tiny_llama"
 
-# The model files use package-relative imports (as remote code must); expose the repo root as a package.
-if "florence_vl" not in sys.modules:
-    _package = types.ModuleType("florence_vl")
-    _package.__path__ = [str(ROOT)]
-    sys.modules["florence_vl"] = _package
 sys.path.insert(0, str(ROOT))
+from cli_common import register_model_package  # noqa: E402
+
+register_model_package()
 
 from florence_vl.configuration_florence_vl import IMAGE_TOKENS, FlorenceVLConfig  # noqa: E402
 
@@ -127,12 +124,14 @@ CHAT_TEMPLATES = ROOT / "chat_templates"
 def tiny_processor(llm: str = "llama"):
     """A FlorenceVLProcessor with a tiny tokenizer of the given LLM family and the original chat template.
 
-    llama: the fixture's byte-level tokenizer with Llama-3 specials (adds BOS itself), Llama-3 template.
-    phi3: tests/assets/phi3_tiny_tokenizer (Phi-3 specials, no BOS added), Phi-3 template.
+    llama: the fixture's byte-level tokenizer with Llama-3 specials, Llama-3 template.
+    phi3: tests/assets/phi3_tiny_tokenizer (Phi-3 specials), Phi-3 template.
+    Each tokenizer is made a Florence-VL folder's (`florence_vl_tokenizer`: no special tokens of its own), as the
+    converter makes the release's.
     """
     from transformers import AutoTokenizer
 
-    from florence_vl.processing_florence_vl import FlorenceVLProcessor
+    from florence_vl.processing_florence_vl import FlorenceVLProcessor, florence_vl_tokenizer
 
     if llm == "llama":
         tokenizer_dir, template = require_fixture() / "original_checkpoint", "llama3.jinja"
@@ -140,7 +139,7 @@ def tiny_processor(llm: str = "llama"):
         tokenizer_dir, template = ASSETS / "phi3_tiny_tokenizer", "phi3.jinja"
     else:
         raise ValueError(f"unknown llm {llm!r}: use 'llama' or 'phi3'")
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = florence_vl_tokenizer(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
     return FlorenceVLProcessor(tokenizer=tokenizer, chat_template=(CHAT_TEMPLATES / template).read_text(),
                                image_token=IMAGE_TOKENS[llm])
 

@@ -176,13 +176,6 @@ class FlorenceVLProcessorTest(ProcessorTesterMixin, unittest.TestCase):
     images_unstructured_max_length = 620
 
     # Deliberate deviations, each skipped exactly (parameterized names included) and tested in test_processor.py.
-    test_apply_chat_template_image_0 = test_apply_chat_template_image_1 = skipped(
-        "for parity with the release: the chat template starts with <|begin_of_text|> and the tokenizer adds its BOS "
-        "too (the original's ids start with two BOS); test_processor.py checks the fixture's ids")
-    test_subprocessor_defaults_1_images = skipped(
-        "for parity with the release: images are padded to a centred square in the mean colour before the image "
-        "processor runs, so the processor's pixels differ from the image processor's alone; test_processor.py checks "
-        "the fixture's pixels")
     test_processor_from_and_save_pretrained = test_processor_from_and_save_pretrained_as_nested_dict = skipped(
         "remote code: save_pretrained gives the processor the `auto_map` that AutoProcessor needs to find this class, "
         "which a reloaded copy does not hold (native processors have none); test_processor.py checks the saved folder "

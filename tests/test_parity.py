@@ -86,7 +86,7 @@ def max_diff(actual: torch.Tensor, reference: torch.Tensor) -> float:
 
 def test_converted_repo_layout(converted):
     names = {p.name for p in converted.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "README.md", *convert_checkpoint.REPO_FILES} <= names
+    assert {"config.json", "model.safetensors", "generation_config.json", "README.md", *REMOTE_CODE_FILES} <= names
     assert not any(p.name.endswith(".partial") for p in converted.parent.iterdir())
     card = (converted / "README.md").read_text()
     assert card.startswith("---\npipeline_tag: image-text-to-text\nlibrary_name: transformers\n")

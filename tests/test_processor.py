@@ -28,8 +28,10 @@ MARKER = re.escape(LLAMA_IMAGE)
 PAD = (123, 116, 103)
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+# The template writes both BOS of the release's ids (its text's and the one its tokenizer added).
+BOS_BOS = "<|begin_of_text|><|begin_of_text|>"
 LLAMA_SYSTEM = (
-    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nA chat between a curious user and an artificial "
+    "<|begin_of_text|><|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nA chat between a curious user and an artificial "
     "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions."
     "<|eot_id|>"
 )
@@ -87,8 +89,8 @@ def normalised(rgb: tuple[int, int, int]) -> torch.Tensor:
 def test_chat_template_renders_the_original_prompt(processor, index):
     case = CASES[index]
     rendered = processor.apply_chat_template(user_turn(fixture_image(index), case["question"]), add_generation_prompt=True)
-    # The same text, the image token standing where the original writes its `<image>` marker.
-    assert rendered == case["prompt"].replace("<image>", processor.image_token)
+    # The release's text with the BOS its tokenizer added written out, the image token where it writes `<image>`.
+    assert rendered == "<|begin_of_text|>" + case["prompt"].replace("<image>", processor.image_token)
 
 
 @pytest.mark.parametrize("index", range(3))
@@ -104,17 +106,19 @@ def test_apply_chat_template_matches_fixture_ids_and_pixels(processor, index):
     assert set(out.keys()) == {"input_ids", "attention_mask", "pixel_values"}  # no token_type_ids
     assert out["input_ids"].shape == (1, 81 + IMAGE_SEQ_LENGTH)
     assert out["input_ids"][0].tolist() == expected_ids(index, processor.image_token_id)
-    assert out["input_ids"][0, :2].tolist() == [0, 0]  # template BOS + tokenizer BOS, as the original
+    assert out["input_ids"][0, :2].tolist() == [0, 0]  # the release's two BOS
     assert out["attention_mask"].all()
     assert_pixels(out["pixel_values"], index)
 
 
+@pytest.mark.parametrize("add_special_tokens", [None, True, False])
 @pytest.mark.parametrize("index", range(3))
-def test_plain_call_with_original_prompt_matches_fixture(processor, index):
+def test_rendered_prompt_then_processor_matches_fixture(processor, index, add_special_tokens):
+    """The two-step flow (render, then call the processor), with and without add_special_tokens: the same ids."""
     case = CASES[index]
-    # The original marks the image with the text `<image>`; here that place holds the image token.
-    prompt = case["prompt"].replace("<image>", processor.image_token)
-    out = processor(images=fixture_image(index), text=prompt, return_tensors="pt")
+    prompt = processor.apply_chat_template(user_turn(fixture_image(index), case["question"]), add_generation_prompt=True)
+    flags = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+    out = processor(images=fixture_image(index), text=prompt, return_tensors="pt", **flags)
     assert "token_type_ids" not in out
     assert out["input_ids"][0].tolist() == expected_ids(index, processor.image_token_id)
     assert_pixels(out["pixel_values"], index)
@@ -184,15 +188,18 @@ def test_numpy_greyscale_2d(processor):
     assert_pixels(pixels_of(processor, np.asarray(fixture_image(2))), 2)
 
 
-@pytest.mark.parametrize("layout", ["chw_uint8", "hwc_uint8", "chw_float"])
+@pytest.mark.parametrize("layout", ["chw_uint8", "hwc_uint8"])
 def test_torch_tensors(processor, layout):
     hwc = torch.from_numpy(np.asarray(fixture_image(1).convert("RGB")).copy())
-    tensor = {
-        "chw_uint8": hwc.permute(2, 0, 1),
-        "hwc_uint8": hwc,
-        "chw_float": hwc.permute(2, 0, 1).float() / 255,  # torchvision's to_tensor convention
-    }[layout]
+    tensor = {"chw_uint8": hwc.permute(2, 0, 1), "hwc_uint8": hwc}[layout]
     assert_pixels(pixels_of(processor, tensor), 1)
+
+
+@pytest.mark.parametrize("array", [torch.rand(3, 32, 32), np.random.default_rng(0).random((32, 32, 3))])
+def test_float_arrays_are_refused_by_name(processor, array):
+    """Float images (torchvision's to_tensor convention) would be padded and rescaled as 0-255 values: refused."""
+    with pytest.raises(TypeError, match="0-255 integers"):
+        processor(images=array)
 
 
 def test_path_string_and_pathlib(processor):
@@ -291,7 +298,9 @@ def test_images_only(processor):
 def test_text_only(processor):
     out = processor(text="Hello", return_tensors="pt")
     assert set(out.keys()) == {"input_ids", "attention_mask"}
-    assert out["input_ids"][0, 0].item() == 0
+    # The tokenizer adds no BOS of its own: the chat template writes every special token.
+    assert out["input_ids"][0].tolist() == processor.tokenizer("Hello", add_special_tokens=False)["input_ids"]
+    assert 0 not in out["input_ids"][0].tolist()
 
 
 # ----------------------------------------------------------------------------------------- chat formats
@@ -318,7 +327,7 @@ def test_multi_turn_llama3(processor):
 def test_system_prompt_replaces_default_llama3(processor):
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert processor.apply_chat_template(chat, add_generation_prompt=True) == (
-        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        BOS_BOS + "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     )
 
@@ -428,7 +437,8 @@ def test_save_and_auto_load(processor, tmp_path):
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     assert tokenizer_config["tokenizer_class"] != "TokenizersBackend"
     assert not isinstance(tokenizer_config.get("extra_special_tokens"), list)
-    assert json.loads((folder / "preprocessor_config.json").read_text())["image_processor_type"] == "CLIPImageProcessor"
+    assert json.loads((folder / "preprocessor_config.json").read_text())["image_processor_type"] == "LlavaImageProcessor"
+    assert (folder / "compatibility_florence_vl.py").is_file()  # imported by the processor: shipped with it
 
     loaded = AutoProcessor.from_pretrained(str(folder), trust_remote_code=True)
     assert type(loaded).__name__ == "FlorenceVLProcessor"
@@ -447,28 +457,13 @@ def test_save_and_auto_load(processor, tmp_path):
 
 
 def test_other_image_processor_backend_is_repinned_to_pil(processor):
-    """A non-PIL CLIP processor (5.x's torchvision `CLIPImageProcessor`, 4.x's fast one) is swapped for the PIL one."""
-    # The module's class, not the top-level name (a torchvision-requiring placeholder without torchvision in 5.x).
-    from transformers.models.clip.image_processing_clip import CLIPImageProcessor
-
+    """An image processor of another class (where torchvision is installed, AutoImageProcessor returns the torchvision
+    Llava backend; a stand-in subclass here, torchvision being absent) is rebuilt, settings kept, as the PIL one."""
     from florence_vl.processing_florence_vl import FlorenceVLProcessor
 
-    other_cls = CLIPImageProcessor
-    if other_cls is type(processor.image_processor):  # 4.x: the plain class IS the PIL one; try the fast class
-        try:
-            from transformers import CLIPImageProcessorFast as other_cls
-        except ImportError:
-            pytest.skip("no non-PIL CLIP image processor in this transformers version")
-    try:
-        other = other_cls(
-            size={"height": 768, "width": 768},
-            resample=3,
-            do_center_crop=False,
-            image_mean=list(MEAN),
-            image_std=list(STD),
-        )
-    except (ImportError, ValueError) as error:  # the fast class may need torchvision
-        pytest.skip(f"cannot build {other_cls.__name__}: {str(error).strip().splitlines()[0]}")
+    other_cls = type("OtherBackend", (type(processor.image_processor),), {})
+    other = other_cls(do_pad=True, size={"height": 768, "width": 768}, resample=3, do_center_crop=False,
+                      image_mean=list(MEAN), image_std=list(STD))
     repinned = FlorenceVLProcessor(image_processor=other, tokenizer=processor.tokenizer)
     assert type(repinned.image_processor) is type(processor.image_processor)
     assert_pixels(pixels_of(repinned, fixture_image(1)), 1)

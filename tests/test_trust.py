@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-REMOTE_CODE = ["configuration_florence_vl.py", "modeling_florence_vl.py", "processing_florence_vl.py"]
+REMOTE_CODE = list(REMOTE_CODE_FILES)
 ALLOWED_TOP_LEVEL = {"torch", "transformers", "PIL", "numpy"}
 FORBIDDEN_MODULES = {
     "socket", "http", "urllib", "requests", "httpx", "ftplib", "smtplib", "subprocess", "multiprocessing", "pickle",

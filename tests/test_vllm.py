@@ -80,6 +80,8 @@ def folder(tmp_path_factory) -> Path:
     return materialise_embedded_model(tmp_path_factory.mktemp("florence_vl_vllm") / "tiny-florence-vl")
 
 
+# The embedded tokenizer's <|begin_of_text|> and <|start_header_id|>.
+BOS, HEADER = 0, 2
 MULTI_IMAGE_QUESTION = "Compare the three images."
 TEXT_ONLY_QUESTION = "Tell me about shapes."
 
@@ -128,15 +130,16 @@ def llm(folder, transformers_side):
 
 
 def chat(llm, conversations: list[list[dict]]) -> list:
-    """vLLM chat, tokenised as the release was (the template's BOS plus the tokenizer's: add_special_tokens)."""
+    """vLLM chat called plainly, as its documentation shows: no tokenization flags (the template holds the prompt)."""
     params = vllm.SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0)
-    return llm.chat(conversations, params, use_tqdm=False, tokenization_kwargs={"add_special_tokens": True})
+    return llm.chat(conversations, params, use_tqdm=False)
 
 
 def assert_same(output, transformers_side: dict, name: str) -> None:
     """vLLM built generate's prompt ids and produced its greedy tokens (up to EOS)."""
     prompt_ids, new_tokens = transformers_side["generate"][name]
     assert list(output.prompt_token_ids) == prompt_ids
+    assert prompt_ids[:3] == [BOS, BOS, HEADER]  # the release's two BOS, whatever the client's tokenization
     assert until_eos(list(output.outputs[0].token_ids), transformers_side["eos"]) == new_tokens
 
 
@@ -302,7 +305,7 @@ def client(server, folder):
 def ask_server(client, images: list[Image.Image], question: str):
     return client.chat.completions.create(
         model=client.served_model, messages=conversation(images, question, as_url=True), max_tokens=MAX_NEW_TOKENS,
-        temperature=0.0, extra_body={"add_special_tokens": True, "return_token_ids": True},
+        temperature=0.0, extra_body={"return_token_ids": True},  # only to read the ids back
     )
 
 
@@ -314,6 +317,7 @@ def test_server_answers_like_generate(client, transformers_side):
     choice = response.choices[0]
     prompt_ids, new_tokens = transformers_side["generate"]["case3"]
     assert response.prompt_token_ids == prompt_ids
+    assert prompt_ids[:3] == [BOS, BOS, HEADER]
     assert until_eos(choice.token_ids, transformers_side["eos"]) == new_tokens
     assert choice.message.content == transformers_side["case3_text"]
 

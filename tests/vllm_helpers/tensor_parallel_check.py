@@ -39,8 +39,7 @@ def main(folder: str, tensor_parallel_size: int, image: str, question: str) -> N
     per_rank = [float((features - reference).abs().max()) for features in llm.apply_model(image_features)]
     chat = [{"role": "user", "content": [{"type": "image_pil", "image_pil": Image.open(image)},
                                          {"type": "text", "text": question}]}]
-    (output,) = llm.chat([chat], vllm.SamplingParams(max_tokens=12, temperature=0.0), use_tqdm=False,
-                         tokenization_kwargs={"add_special_tokens": True})
+    (output,) = llm.chat([chat], vllm.SamplingParams(max_tokens=12, temperature=0.0), use_tqdm=False)
     print(REPORT + json.dumps({"feature_diff_per_rank": per_rank, "feature_scale": float(reference.abs().max()),
                       "prompt_ids": list(output.prompt_token_ids), "tokens": list(output.outputs[0].token_ids)}))
 
