@@ -700,12 +700,24 @@ def chat_template(name: str) -> Optional[str]:
     return path.read_text() if path.is_file() else None
 
 
+def florence_vl_tokenizer(tokenizer: Any) -> Any:
+    """The LLM tokenizer as a Florence-VL folder saves it: it adds no special tokens itself (the chat template writes
+    them all, so clients that tokenize with `add_special_tokens=False` and those that do not get the same ids) and it
+    pads on the left (generation continues on the right)."""
+    from tokenizers import processors
+
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    tokenizer.padding_side = "left"
+    tokenizer.init_kwargs["padding_side"] = "left"
+    return tokenizer
+
+
 def build_processor(src: Path, text_config: dict[str, Any], model_type: str) -> Any:
     """The processor: the release's LLM tokenizer, whose reserved IMAGE_TOKENS entry marks images, Florence-2 images,
     the release's chat template."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from florence_vl.processing_florence_vl import FlorenceVLProcessor, florence_vl_tokenizer
+    from florence_vl.processing_florence_vl import FlorenceVLProcessor
 
     text_config = dict(text_config)
     try:  # given the LLM config: transformers cannot parse a `llava_*` config.json

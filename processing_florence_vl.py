@@ -1,8 +1,8 @@
 """Processor of Florence-VL: transformers' stock Llava image processor (square padding, 768x768) and the LLM tokenizer.
 
 The release's prompt format lives in the chat template alone: the template writes every special token (the Llama-3
-template both BOS of the release's ids) and the saved tokenizer adds none itself (`florence_vl_tokenizer`), so every
-client gets the release's ids however it tokenizes the rendered chat.
+template both BOS of the release's ids) and the saved tokenizer adds none itself (`convert_checkpoint.py` writes it
+so), so every client gets the release's ids however it tokenizes the rendered chat.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 from PIL import Image
-from tokenizers import processors
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import load_image
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
@@ -53,16 +52,6 @@ def default_image_processor() -> PilImageProcessor:
     )
 
 
-def florence_vl_tokenizer(tokenizer: Any) -> Any:
-    """The LLM tokenizer as a Florence-VL folder saves it: it adds no special tokens itself (the chat template writes
-    them all, so clients that tokenize with `add_special_tokens=False` and those that do not get the same ids) and it
-    pads on the left (generation continues on the right)."""
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
-    tokenizer.padding_side = "left"
-    tokenizer.init_kwargs["padding_side"] = "left"
-    return tokenizer
-
-
 def as_rgb(image: Any) -> Any:
     """Paths, URLs and base64 loaded; PIL images converted to RGB as the original does (alpha dropped, not composited;
     16-bit clipped at 255 by Pillow); arrays and tensors are the stock image processor's to read."""
@@ -92,7 +81,7 @@ class FlorenceVLProcessor(ProcessorMixin):
 
     Args:
         image_processor: a stock Llava image processor configured as Florence-2's (`default_image_processor`).
-        tokenizer: the LLM tokenizer (see `florence_vl_tokenizer`).
+        tokenizer: the LLM tokenizer, adding no special tokens itself (`convert_checkpoint.florence_vl_tokenizer`).
         chat_template: the Llama-3 or Phi-3.5 template of the release.
         image_token: the placeholder that marks where an image goes: a reserved special token of the tokenizer, so
             that its id has a row in the LLM's embedding table.
@@ -141,7 +130,7 @@ class FlorenceVLProcessor(ProcessorMixin):
         """
         for name in ("videos", "audio", "audios"):
             value = kwargs.pop(name, None)
-            if value is not None and not (isinstance(value, (list, tuple)) and not any(value)):
+            if value is not None and not (isinstance(value, (list, tuple)) and all(v is None for v in value)):
                 raise ValueError(f"Florence-VL takes images and text only: got {name}.")
         if images is None and text is None:
             raise ValueError("Pass images, text, or both.")
@@ -265,4 +254,4 @@ for _name, _value in PROCESSOR_PARTS.items():
     setattr(FlorenceVLProcessor, _name, _value)
 FlorenceVLProcessor.register_for_auto_class()
 
-__all__ = ["FlorenceVLProcessor", "as_rgb", "default_image_processor", "florence_vl_tokenizer"]
+__all__ = ["FlorenceVLProcessor", "as_rgb", "default_image_processor"]

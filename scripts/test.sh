@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 V4=4.57.6
 V5=5.23.0
 scripts/setup_venv.sh .venv-tf4 "$V4" requirements-test.txt || exit 1
-# Gradio 6 (the browser demo) needs huggingface_hub >= 1, which only transformers 5.x accepts: app tests run here.
-scripts/setup_venv.sh .venv-tf5 "$V5" requirements-test.txt requirements-app.txt || exit 1
+# Gradio 6 (the browser demo) and TRL 1.16 need huggingface_hub >= 1, which only transformers 5.x accepts: their
+# tests run here.
+scripts/setup_venv.sh .venv-tf5 "$V5" requirements-test.txt requirements-app.txt requirements-trl.txt || exit 1
 # transformers' own common tests (tests/test_conformance.py), from each version's source distribution.
 scripts/fetch_common_tests.sh .venv-tf4/bin/python || exit 1
 scripts/fetch_common_tests.sh .venv-tf5/bin/python || exit 1

@@ -131,7 +131,8 @@ def tiny_processor(llm: str = "llama"):
     """
     from transformers import AutoTokenizer
 
-    from florence_vl.processing_florence_vl import FlorenceVLProcessor, florence_vl_tokenizer
+    from convert_checkpoint import florence_vl_tokenizer
+    from florence_vl.processing_florence_vl import FlorenceVLProcessor
 
     if llm == "llama":
         tokenizer_dir, template = require_fixture() / "original_checkpoint", "llama3.jinja"

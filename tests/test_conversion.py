@@ -258,7 +258,7 @@ def test_phi3_chat_format_and_generate(phi_release):
     assert prompt == "<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n<|placeholder1|>\nWhat is this?<|end|>\n<|assistant|>\n"
     model = transformers.AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval()
     assert model.model.language_model.config.model_type == "phi3"
-    inputs = processor(images=torch.rand(3, 40, 60), text=prompt, return_tensors="pt")
+    inputs = processor(images=torch.randint(0, 256, (3, 40, 60), dtype=torch.uint8), text=prompt, return_tensors="pt")
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 577
     output = model.generate(**inputs, do_sample=False, min_new_tokens=4, max_new_tokens=4)
     assert output.shape[1] == inputs["input_ids"].shape[1] + 4

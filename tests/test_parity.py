@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import convert_checkpoint
+from florence_vl.configuration_florence_vl import REMOTE_CODE_FILES
 
 IS_V4 = transformers.__version__.startswith("4.")
 # 5.x has no AutoModelForVision2Seq; 4.57 users still reach for it.

@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import ROOT
 
+from florence_vl.configuration_florence_vl import REMOTE_CODE_FILES
+
 REMOTE_CODE = list(REMOTE_CODE_FILES)
 ALLOWED_TOP_LEVEL = {"torch", "transformers", "PIL", "numpy"}
 FORBIDDEN_MODULES = {

@@ -1,0 +1,239 @@
+"""One prompt for every client: each way a client tokenizes a chat, called as that client's documentation calls it,
+gives the release's exact ids (the fixture's, two BOS included) on the fixture's Llama-3 tokenizer and on the
+embedded model; `return_assistant_tokens_mask` marks exactly the answers and their end-of-turn tokens.
+
+vLLM's `LLM.chat` and OpenAI server are checked the same way in tests/test_vllm.py (vLLM virtualenv), TRL's trainer
+in tests/test_trl.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import require_fixture, tiny_processor
+from PIL import Image
+from safetensors.torch import load_file
+
+FIXTURE = require_fixture()
+CASES = json.loads((FIXTURE / "cases.json").read_text())["cases"]
+EXPECTED = load_file(str(FIXTURE / "expected.safetensors"))
+BOS = 0  # <|begin_of_text|> in the fixture's and the embedded model's tokenizers
+
+
+def fixture_image(index: int) -> Image.Image:
+    image = Image.open(FIXTURE / CASES[index]["image"])
+    image.load()
+    return image
+
+
+def release_ids(index: int, image_tokens: int, image_token_id: int) -> list[int]:
+    """The fixture's prompt ids (what the original code built), the image's -200 marker as `image_tokens` ids."""
+    ids = EXPECTED[f"case{index}.input_ids_with_image_index"][0].tolist()
+    at = ids.index(-200)
+    return ids[:at] + [image_token_id] * image_tokens + ids[at + 1:]
+
+
+def user_turn(question: str, image=None) -> list[dict]:
+    block = {"type": "image", "image": image} if image is not None else {"type": "image"}
+    return [{"role": "user", "content": [block, {"type": "text", "text": question}]}]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_processor("llama")
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """The embedded model as the complete folder users load."""
+    from ask import materialise_embedded_model
+
+    return materialise_embedded_model(tmp_path_factory.mktemp("clients") / "tiny-florence-vl-clients")
+
+
+def ids_of(output) -> list[int]:
+    ids = output["input_ids"]
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+    return ids[0] if ids and isinstance(ids[0], list) else ids
+
+
+# Each client's way of turning (chat, image) into ids, as its documentation shows it.
+def processor_apply_chat_template(processor, chat, image):
+    """transformers' processor API and the image-text-to-text pipeline's path."""
+    return ids_of(processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True))
+
+
+def render_then_processor(processor, chat, image):
+    """The two-step flow of most model cards (render, then call the processor)."""
+    prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
+    return ids_of(processor(images=image, text=prompt))
+
+
+def render_then_processor_without_special_tokens(processor, chat, image):
+    """The same, with add_special_tokens=False, as TRL's collators and vLLM's chat path tokenize."""
+    prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
+    return ids_of(processor(images=image, text=prompt, add_special_tokens=False))
+
+
+def lmms_eval_huggingface(processor, chat, image):
+    """lmms-eval 0.7.3's chat `huggingface` adapter: a rendered batch plus empty videos and audios lists."""
+    prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
+    return ids_of(processor(text=[prompt], images=[image], videos=[], audios=[], padding=True, return_tensors="pt"))
+
+
+def trl_vision_collator(processor, chat, image):
+    """TRL 1.16's DataCollatorForVisionLanguageModeling on a conversational sample (its SFTTrainer's collator)."""
+    pytest.importorskip("trl", reason="TRL 1.16 needs huggingface_hub >= 1, which transformers 4.57 refuses; the test "
+                        "command installs it with transformers 5.x (requirements-trl.txt)")
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    question = chat[0]["content"][1]["text"]
+    collator = DataCollatorForVisionLanguageModeling(processor)
+    batch = collator([{"messages": [{"role": "user", "content": question}], "images": [image]}])
+    ids = batch["input_ids"][0].tolist()
+    # A training sample has no generation prompt: the release's ids end with it.
+    return ids + processor.tokenizer("<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False)[
+        "input_ids"]
+
+
+CLIENTS = [processor_apply_chat_template, render_then_processor, render_then_processor_without_special_tokens,
+           lmms_eval_huggingface, trl_vision_collator]
+
+
+@pytest.mark.parametrize("client", CLIENTS, ids=lambda client: client.__name__)
+@pytest.mark.parametrize("index", range(3))
+def test_every_client_gets_the_release_ids(processor, client, index):
+    image = fixture_image(index)
+    ids = client(processor, user_turn(CASES[index]["question"], image), image)
+    assert ids == release_ids(index, processor.image_seq_length, processor.image_token_id)
+    assert ids[:3] == [BOS, BOS, processor.tokenizer.convert_tokens_to_ids("<|start_header_id|>")]
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_plain_tokenizer_apply_chat_template_gets_the_release_ids(processor, index):
+    """A client that uses the tokenizer alone (no image expansion): one placeholder where the release has -200."""
+    ids = processor.tokenizer.apply_chat_template(user_turn(CASES[index]["question"]), chat_template=processor.chat_template,
+                                                  add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert ids_of(ids) == release_ids(index, 1, processor.image_token_id)
+
+
+@pytest.mark.parametrize("client", CLIENTS[1:], ids=lambda client: client.__name__)
+def test_embedded_model_every_client_agrees(embedded, client):
+    """The shipped folder, loaded as users load it: each client's ids equal the processor's, two BOS first."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(embedded, trust_remote_code=True)
+    image = Image.open(FIXTURE / CASES[0]["image"])
+    chat = user_turn("What colour is the shape?", image)
+    reference = processor_apply_chat_template(processor, chat, image)
+    assert reference[:2] == [BOS, BOS] and reference[2] != BOS
+    assert client(processor, chat, image) == reference
+
+
+def test_embedded_tokenizer_alone_agrees(embedded):
+    """The folder's own tokenizer (AutoTokenizer, with the chat template it reads from the folder) gives the same ids
+    with one placeholder unexpanded, and adds no special tokens of its own."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    processor = AutoProcessor.from_pretrained(embedded, trust_remote_code=True)
+    image = Image.open(FIXTURE / CASES[0]["image"])
+    reference = processor_apply_chat_template(processor, user_turn("What colour is the shape?", image), image)
+    tokenizer = AutoTokenizer.from_pretrained(embedded)
+    text_ids = ids_of(tokenizer.apply_chat_template(user_turn("What colour is the shape?"), add_generation_prompt=True,
+                                                    tokenize=True, return_dict=True))
+    at = reference.index(processor.image_token_id)
+    assert text_ids == reference[:at + 1] + reference[at + processor.image_seq_length:]  # one placeholder, unexpanded
+    assert tokenizer("What colour?")["input_ids"] == tokenizer("What colour?", add_special_tokens=False)["input_ids"]
+
+
+def test_pipeline_prompts_with_the_release_ids(embedded):
+    """The image-text-to-text pipeline on chat messages hands `generate` the same ids as the processor builds."""
+    from transformers import AutoProcessor, pipeline
+
+    pipe = pipeline("image-text-to-text", model=str(embedded), trust_remote_code=True)
+    seen = []
+    generate = pipe.model.generate
+
+    def recording_generate(*args, **kwargs):
+        seen.append(kwargs["input_ids"][0].tolist())
+        return generate(*args, **kwargs)
+
+    pipe.model.generate = recording_generate
+    image = Image.open(FIXTURE / CASES[0]["image"])
+    pipe(text=user_turn("What colour is the shape?", image), max_new_tokens=2)
+    processor = AutoProcessor.from_pretrained(embedded, trust_remote_code=True)
+    assert seen == [processor_apply_chat_template(processor, user_turn("What colour is the shape?", image), image)]
+
+
+# ----------------------------------------------------------------------------------------- assistant masks
+MULTI_TURN = [("What is it?", "Shapes."), ("Which colours?", "Red and blue, mostly.")]
+
+
+def multi_turn_chat(image) -> list[dict]:
+    chat = []
+    for turn, (question, answer) in enumerate(MULTI_TURN):
+        content = ([{"type": "image", "image": image}] if turn == 0 else []) + [{"type": "text", "text": question}]
+        chat += [{"role": "user", "content": content},
+                 {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    return chat
+
+
+@pytest.mark.parametrize("llm, end_of_turn", [("llama", "<|eot_id|>"), ("phi3", "<|end|>")])
+def test_assistant_tokens_mask_marks_each_answer_and_its_end_of_turn(llm, end_of_turn):
+    processor = tiny_processor(llm)
+    out = processor.apply_chat_template(multi_turn_chat(fixture_image(0)), tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    ids, mask = ids_of(out), out["assistant_masks"][0]
+    assert len(mask) == len(ids) and ids.count(processor.image_token_id) == processor.image_seq_length
+    # The masked tokens are exactly the answers and their end-of-turn tokens, in order, as contiguous runs.
+    runs, run = [], []
+    for token, masked in zip(ids, mask):
+        if masked:
+            run.append(token)
+        elif run:
+            runs, run = runs + [run], []
+    runs += [run] if run else []
+    decode = processor.tokenizer.decode
+    assert [decode(r) for r in runs] == [answer + end_of_turn for _, answer in MULTI_TURN]
+
+
+def test_generation_markers_change_no_rendered_text():
+    """`{% generation %}` only marks spans: the rendered chat is the release's format, turn for turn."""
+    processor = tiny_processor("llama")
+    rendered = processor.apply_chat_template(multi_turn_chat(fixture_image(0)))
+    token = processor.image_token
+    assert rendered == (
+        "<|begin_of_text|><|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nA chat between a curious user "
+        "and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the "
+        f"user's questions.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n{token}\nWhat is it?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nShapes.<|eot_id|><|start_header_id|>user<|end_header_id|>"
+        "\n\nWhich colours?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nRed and blue, mostly.<|eot_id|>"
+    )
+
+
+# ----------------------------------------------------------------------------------------- what clients pass
+def test_text_only_rows_in_a_nested_batch(processor):
+    """`images=[[img], None]` (TRL, lmms-eval): the second prompt is text only."""
+    image = fixture_image(0)
+    prompts = [processor.apply_chat_template(user_turn("Q?", image), add_generation_prompt=True),
+               processor.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)]
+    out = processor(text=prompts, images=[[image], None], return_tensors="pt")
+    assert out["pixel_values"].shape[0] == 1
+    assert (out["input_ids"][1] == processor.image_token_id).sum() == 0
+    assert (out["input_ids"][0] == processor.image_token_id).sum() == processor.image_seq_length
+
+
+def test_padding_side_is_the_callers(processor):
+    prompts = ["a", "b c d e"]
+    right = processor(text=prompts, padding_side="right")["attention_mask"]
+    left = processor(text=prompts)["attention_mask"]
+    assert right[0][0] == 1 and right[0][-1] == 0  # as asked
+    assert left[0][0] == 0 and left[0][-1] == 1  # the saved default: left, for generation
+
+
+@pytest.mark.parametrize("name", ["videos", "audio", "audios"])
+def test_other_modalities_are_refused_by_name(processor, name):
+    with pytest.raises(ValueError, match=f"images and text only: got {name}"):
+        processor(text="hi", **{name: [torch.zeros(4)]})
