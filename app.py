@@ -149,10 +149,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         os.environ["GRADIO_TEMP_DIR"] = str(Path(scratch) / "uploads")  # uploads go with it
         model_path, title = args.model, "Florence-VL"
         if model_path is None:
-            from ask import EMBEDDED_NOTICE, materialise_embedded_model
+            from ask import EMBEDDED_MODEL, EMBEDDED_NOTICE
 
             print(EMBEDDED_NOTICE)
-            model_path = str(materialise_embedded_model(Path(scratch) / "tiny-florence-vl"))
+            model_path = str(EMBEDDED_MODEL)
             title = "Florence-VL (embedded tiny model: coloured shapes only)"
         else:
             model_path = resolve_model(model_path)

@@ -13,15 +13,12 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
-from cli_common import (DEFAULT_MAX_NEW_TOKENS, add_runtime_args, quiet_libraries, register_model_package,
-                        resolve_device, resolve_dtype, resolve_image, resolve_model, run)
+from cli_common import (DEFAULT_MAX_NEW_TOKENS, add_runtime_args, quiet_libraries, resolve_device, resolve_dtype,
+                        resolve_image, resolve_model, run)
 
-register_model_package()
-from florence_vl.configuration_florence_vl import REMOTE_CODE_FILES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 EMBEDDED_MODEL = ROOT / "assets" / "tiny-florence-vl"
@@ -30,12 +27,10 @@ EMBEDDED_NOTICE = "No --model given: the embedded tiny model, which knows only c
 
 
 def materialise_embedded_model(folder: Path, seed: int = 0, random_weights: bool = False) -> Path:
-    """Write the embedded tiny model into `folder`: its config, tokenizer and this repo's code, and its trained
+    """Copy the embedded tiny model into `folder` as an upload sends it (its code links resolved), with its trained
     weights, or seeded random ones with `random_weights` (training's starting point)."""
     ignore = shutil.ignore_patterns("*.safetensors") if random_weights else None
     shutil.copytree(EMBEDDED_MODEL, folder, dirs_exist_ok=True, ignore=ignore)
-    for name in REMOTE_CODE_FILES:
-        shutil.copy(ROOT / name, folder / name)
     if random_weights:
         import torch
         from transformers import AutoConfig, AutoModelForImageTextToText
@@ -77,13 +72,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     image = resolve_image(args.image)
-    with tempfile.TemporaryDirectory(prefix="florence_vl_tiny_") as scratch:
-        if args.model is None:
-            print(EMBEDDED_NOTICE, file=sys.stderr)
-            model = str(materialise_embedded_model(Path(scratch) / "tiny-florence-vl"))
-        else:
-            model = resolve_model(args.model)
-        text = answer(model, image, args.question, args.max_new_tokens, args.device, args.dtype)
+    if args.model is None:
+        print(EMBEDDED_NOTICE, file=sys.stderr)
+        model = str(EMBEDDED_MODEL)
+    else:
+        model = resolve_model(args.model)
+    text = answer(model, image, args.question, args.max_new_tokens, args.device, args.dtype)
     print(f"Q: {args.question}\nA: {text}")
     return 0
 

@@ -10,6 +10,7 @@ import os
 from typing import Any, Optional
 
 import transformers
+from transformers.feature_extraction_utils import BatchFeature
 
 IS_TRANSFORMERS_4 = transformers.__version__.startswith("4.")
 
@@ -117,6 +118,22 @@ def offsets_in_prompt(
 
         moved.append([(back(a, False), back(b, True)) if b > a else (a, b) for a, b in offsets])
     return moved
+
+
+def output_flags(merged: dict[str, Any], passed: dict[str, Any]) -> tuple[Any, Any]:
+    """`return_mm_token_type_ids` and `return_text_replacement_offsets` wherever this transformers routed them: 5.x to
+    the top level of the merged kwargs, 4.x the first to text_kwargs (and the second nowhere)."""
+    text_kwargs = merged["text_kwargs"]
+    return tuple(text_kwargs.pop(key, merged.get(key, passed.get(key)))
+                 for key in ("return_mm_token_type_ids", "return_text_replacement_offsets"))
+
+
+def batch_feature(data: dict[str, Any], return_tensors: Optional[str]) -> BatchFeature:
+    """The processor's output; 5.x's BatchFeature must be told to leave the replacement offsets (a list of dicts, which
+    only 5.x produces) unconverted."""
+    if "text_replacement_offsets" in data:
+        return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=["text_replacement_offsets"])
+    return BatchFeature(data=data, tensor_type=return_tensors)
 
 
 def make_loadable_by_4x(folder: str) -> None:

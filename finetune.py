@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -309,11 +308,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.model is not None:
         train(args, resolve_model(args.model))
         return 0
-    from ask import materialise_embedded_model
+    from ask import EMBEDDED_MODEL
 
-    with tempfile.TemporaryDirectory(prefix="florence_vl_tiny_") as scratch:
-        print("No --model given: fine-tuning the embedded tiny model.")
-        train(args, str(materialise_embedded_model(Path(scratch) / "embedded")))
+    print("No --model given: fine-tuning the embedded tiny model.")
+    train(args, str(EMBEDDED_MODEL))
     return 0
 
 

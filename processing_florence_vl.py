@@ -20,9 +20,11 @@ from transformers.processing_utils import MultiModalData, ProcessingKwargs, Proc
 from .compatibility_florence_vl import (
     PROCESSOR_PARTS,
     PilImageProcessor,
+    batch_feature,
     expand_image_tokens,
     make_loadable_by_4x,
     offsets_in_prompt,
+    output_flags,
     pil_image_processor,
 )
 
@@ -64,15 +66,13 @@ def as_rgb(image: Any) -> Any:
             raise FileNotFoundError(f"No image file at {shown!r} (nor is it a URL or base64 image data)") from error
         except OSError as error:  # unreadable or truncated file
             raise OSError(f"Could not read the image {shown!r}: {error}") from error
-    if isinstance(image, (np.ndarray, torch.Tensor)) and (image.dtype.is_floating_point if isinstance(image, torch.Tensor)
-                                                           else np.issubdtype(image.dtype, np.floating)):
-        raise TypeError("Image arrays must hold 0-255 integers (uint8), as PIL images do; got floats.")
-    if isinstance(image, np.ndarray) and image.ndim == 2:  # greyscale: the stock processor wants channels
-        image = Image.fromarray(image)
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, (np.ndarray, torch.Tensor)):
-        return image
+        if str(image.dtype).removeprefix("torch.").startswith(("float", "bfloat")):
+            raise TypeError("Image arrays must hold 0-255 integers (uint8), as PIL images do; got floats.")
+        # Greyscale (H, W): as a PIL image, which gets channels like any other.
+        return as_rgb(Image.fromarray(image)) if isinstance(image, np.ndarray) and image.ndim == 2 else image
     raise TypeError(f"Unsupported image type {type(image).__name__}: pass PIL images, paths, URLs, arrays or tensors.")
 
 
@@ -90,15 +90,8 @@ class FlorenceVLProcessor(ProcessorMixin):
 
     valid_processor_kwargs = FlorenceVLProcessorKwargs
 
-    def __init__(
-        self,
-        image_processor: Any = None,
-        tokenizer: Any = None,
-        chat_template: Optional[str] = None,
-        image_token: str = DEFAULT_IMAGE_TOKEN,
-        image_seq_length: int = 577,
-        **kwargs,
-    ):
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: Optional[str] = None,
+                 image_token: str = DEFAULT_IMAGE_TOKEN, image_seq_length: int = 577, **kwargs):
         if tokenizer is None:
             raise ValueError("FlorenceVLProcessor needs a tokenizer.")
         if image_token not in tokenizer.get_vocab():
@@ -118,10 +111,7 @@ class FlorenceVLProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values"]
 
     def __call__(
-        self,
-        images: Any = None,
-        text: Union[str, list[str], None] = None,
-        **kwargs: Unpack[FlorenceVLProcessorKwargs],
+        self, images: Any = None, text: Union[str, list[str], None] = None, **kwargs: Unpack[FlorenceVLProcessorKwargs]
     ) -> BatchFeature:
         """Tokenize `text` (each image token expanded to `image_seq_length` of them) and preprocess `images`.
 
@@ -138,11 +128,7 @@ class FlorenceVLProcessor(ProcessorMixin):
         text_kwargs, image_kwargs = merged["text_kwargs"], merged["images_kwargs"]
         return_tensors = text_kwargs.pop("return_tensors", None) or image_kwargs.pop("return_tensors", None)
         image_kwargs.pop("return_tensors", None)
-        # 5.x routes these two to the top level, 4.x the first to text_kwargs (and drops the second).
-        return_mm_token_type_ids, return_offsets = (
-            text_kwargs.pop(key, merged.get(key, kwargs.get(key)))
-            for key in ("return_mm_token_type_ids", "return_text_replacement_offsets")
-        )
+        return_mm_token_type_ids, return_offsets = output_flags(merged, kwargs)
 
         per_sample = self._images_per_sample(images)
         flat_images = [as_rgb(image) for sample in per_sample for image in sample]
@@ -171,9 +157,7 @@ class FlorenceVLProcessor(ProcessorMixin):
                 data["mm_token_type_ids"] = [[int(i == self.image_token_id) for i in ids] for ids in data["input_ids"]]
             if return_offsets:
                 data["text_replacement_offsets"] = offsets
-        if "text_replacement_offsets" in data:  # a list of dicts, never a tensor (5.x's BatchFeature knows)
-            return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        return batch_feature(data, return_tensors)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         """What one image's placeholder becomes: `image_seq_length` image tokens (every image is 768x768)."""

@@ -167,6 +167,14 @@ def test_pipeline_prompts_with_the_release_ids(embedded):
     assert seen == [processor_apply_chat_template(processor, user_turn("What colour is the shape?", image), image)]
 
 
+def test_shipped_and_converter_templates_are_the_same_files():
+    """The embedded folder carries the converter's Llama-3 template: one prompt format, one file."""
+    from conftest import ROOT
+
+    shipped = (ROOT / "assets" / "tiny-florence-vl" / "chat_template.jinja").read_text()
+    assert shipped == (ROOT / "chat_templates" / "llama3.jinja").read_text()
+
+
 # ----------------------------------------------------------------------------------------- assistant masks
 MULTI_TURN = [("What is it?", "Shapes."), ("Which colours?", "Red and blue, mostly.")]
 

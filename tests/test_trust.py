@@ -63,24 +63,28 @@ def test_model_code_calls_no_exec_io_or_deserialisation(name):
 
 
 def test_processor_writes_files_only_when_saving():
-    """The processor's only file writes are its save_pretrained clean-up of the saved JSON files."""
-    tree = parse("processing_florence_vl.py")
-    assert not called_names(tree) & (FORBIDDEN_CALLS - {"open"})
+    """The only file writes of the remote code are the processor's save_pretrained clean-up of the saved JSON files
+    (`make_loadable_by_4x` in the compatibility module, through its `_write`)."""
+    trees = {name: parse(name) for name in ("processing_florence_vl.py", "compatibility_florence_vl.py")}
+
+    def functions_calling(tree, callee: str) -> set[str]:
+        return {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+                and any(getattr(c.func, "id", getattr(c.func, "attr", None)) == callee
+                        for c in ast.walk(f) if isinstance(c, ast.Call))}
+
     writers = set()
-    for function in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
-        for node in ast.walk(function):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "open":
-                mode = node.args[1].value if len(node.args) > 1 else "r"
-                if "r" not in mode:
-                    writers.add(function.name)
-    assert writers == {"_make_loadable_by_4x"}  # called from save_pretrained only
-    callers = {
-        f.name
-        for f in ast.walk(tree)
-        if isinstance(f, ast.FunctionDef)
-        and any(getattr(c.func, "id", None) == "_make_loadable_by_4x" for c in ast.walk(f) if isinstance(c, ast.Call))
-    }
-    assert callers == {"save_pretrained"}
+    for tree in trees.values():
+        assert not called_names(tree) & (FORBIDDEN_CALLS - {"open"})
+        for function in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+            for node in ast.walk(function):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "open":
+                    mode = node.args[1].value if len(node.args) > 1 else "r"
+                    if "r" not in mode:
+                        writers.add(function.name)
+    assert writers == {"_write"}
+    assert functions_calling(trees["compatibility_florence_vl.py"], "_write") == {"make_loadable_by_4x"}
+    assert functions_calling(trees["compatibility_florence_vl.py"], "make_loadable_by_4x") == set()
+    assert functions_calling(trees["processing_florence_vl.py"], "make_loadable_by_4x") == {"save_pretrained"}
 
 
 def test_converter_never_unpickles_arbitrary_objects():

@@ -1,0 +1,1 @@
+../../compatibility_florence_vl.py

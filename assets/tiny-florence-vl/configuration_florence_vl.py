@@ -1,0 +1,1 @@
+../../configuration_florence_vl.py

@@ -1,0 +1,1 @@
+../../modeling_florence_vl.py

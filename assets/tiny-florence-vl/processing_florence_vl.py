@@ -1,0 +1,1 @@
+../../processing_florence_vl.py
