@@ -32,13 +32,13 @@ import torch
 ROOT = Path(__file__).resolve().parent
 
 from cli_common import looks_like_hub_id, register_model_package  # noqa: E402
+from model_folder import write_model_folder  # noqa: E402
 
 register_model_package()
 from florence_vl.configuration_florence_vl import (  # noqa: E402
     FLORENCE2_LARGE_ENCODER,
     FLORENCE2_LARGE_VISION,
     IMAGE_TOKENS,
-    REMOTE_CODE_FILES,
     FlorenceVLConfig,
 )
 
@@ -751,11 +751,10 @@ def card_title(parameters: int, model_type: str) -> str:
     return f"Florence-VL {count} ({LLM_FAMILIES[model_type]['name']})"
 
 
-def write_model_card(folder: Path, model_type: str, src: str, config: FlorenceVLConfig, parameters: int,
-                     model_id: str) -> None:
-    """README.md: the Hub card of this checkpoint, from docs/model_card_template.md. Its snippets load `model_id`
-    (the Hub id, or the folder's absolute path before upload) and run from any directory."""
-    from benchmarks.memory_table import config_footprint, table
+def model_card(model_type: str, src: str, config: FlorenceVLConfig, parameters: int, model_id: str) -> str:
+    """The Hub card of this checkpoint, from docs/model_card_template.md. Its snippets load `model_id` (the Hub id,
+    or the folder's absolute path before upload) and run from any directory."""
+    from memory_footprint import config_footprint, table
 
     family = LLM_FAMILIES[model_type]
     is_hub_id = not Path(src).expanduser().exists() and looks_like_hub_id(src)
@@ -772,10 +771,7 @@ def write_model_card(folder: Path, model_type: str, src: str, config: FlorenceVL
         base_models="\n".join(f"  - {b}" for b in BASE_MODELS[model_type]),
         memory_table=table([config_footprint(config, title)]),
     )
-    (folder / "README.md").write_text(card)
-    # The snippets open assets/example.png from the model repo: ship it (readable and listable by everyone).
-    (folder / "assets").mkdir(exist_ok=True)
-    shutil.copy(ROOT / "assets" / "example.png", folder / "assets" / "example.png")
+    return card
 
 
 def write_config(config: FlorenceVLConfig, folder: Path, dtype_name: str) -> None:
@@ -858,13 +854,11 @@ def convert(src: str, out: Optional[str], vision_tower: Optional[str] = None, dt
     try:
         print(f"Converting {src} ({model_type}) -> {out_path}")
         write_weights(shards, staging, requested)
-        processor.save_pretrained(str(staging))
         write_config(config, staging, dtype_name)
         write_generation_config(source.folder, source.release, staging)
-        for name in REMOTE_CODE_FILES:
-            shutil.copy2(ROOT / name, staging / name)
-        write_model_card(staging, model_type, src, config, sum(p.source.numel for p in plan.mapped),
-                         repo_id or push_to_hub or str(out_path))
+        card = model_card(model_type, src, config, sum(p.source.numel for p in plan.mapped),
+                          repo_id or push_to_hub or str(out_path))
+        write_model_folder(staging, processor, card)
         publish_permissions(staging)
         if out_path.is_dir():
             out_path.rmdir()  # empty (checked above)

@@ -230,11 +230,16 @@ def load_model_and_processor(model_path: str, dtype: torch.dtype = torch.float32
     return model, processor
 
 
-def save(trainer: Any, processor: Any, output_dir: Path) -> None:
-    """Save the model (or the LoRA adapter) and the processor so that the Auto classes / PeftModel reload them."""
-    trainer.save_model(str(output_dir))  # handles FSDP / ZeRO-3 state gathering; main process writes
+def save(trainer: Any, processor: Any, args: argparse.Namespace, model_path: str) -> None:
+    """Save the model (or the LoRA adapter) as a complete folder with a card of its own, so that the Auto classes /
+    PeftModel reload it from anywhere."""
+    from model_folder import derived_card, write_model_folder
+
+    trainer.save_model(str(args.output_dir))  # handles FSDP / ZeRO-3 state gathering; main process writes
     if trainer.is_world_process_zero():
-        processor.save_pretrained(str(output_dir))
+        what = (f"Florence-VL fine-tuned from `{model_path}` by finetune.py (stage {args.stage}"
+                f"{', LoRA adapters' if args.lora else ''}) on `{args.data.name}`.")
+        write_model_folder(args.output_dir, processor, derived_card(model_path, "Florence-VL, fine-tuned", what))
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -297,7 +302,7 @@ def train(args: argparse.Namespace, model_path: str) -> Any:
                       data_collator=Collator(pad_token_id(processor, model)), optimizer_cls_and_kwargs=optimizer)
     result = trainer.train(resume_from_checkpoint=True if args.resume else None)
     print(f"train loss {result.training_loss:.4f} after {result.global_step} steps")
-    save(trainer, processor, args.output_dir)
+    save(trainer, processor, args, model_path)
     if trainer.is_world_process_zero():
         print(f"saved to {args.output_dir}")
     return trainer

@@ -152,10 +152,14 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         encoded = encoded[:, :num_tokens].unflatten(0, (num_images, len(tasks)))
         return {task: encoded[:, i] for i, task in enumerate(tasks)}
 
-    def fuse_features(self, depth_features: torch.Tensor) -> torch.Tensor:
-        """DBFusion's concatenation: the depth feature and every prompt's breadth feature on channels, in the
-        config's `fused_features` order (what the DBFusion projector reads)."""
-        features = {DEPTH_FEATURE: depth_features, **self.get_breadth_features(depth_features)}
+    def fuse_features(
+        self, depth_features: torch.Tensor, breadth_features: Optional[dict[str, torch.Tensor]] = None
+    ) -> torch.Tensor:
+        """DBFusion's concatenation: the depth feature and every prompt's breadth feature (computed from the depth
+        feature unless given) on channels, in the config's `fused_features` order (what the DBFusion projector reads)."""
+        if breadth_features is None:
+            breadth_features = self.get_breadth_features(depth_features)
+        features = {DEPTH_FEATURE: depth_features, **breadth_features}
         return torch.cat([features[name] for name in self.config.fused_features], dim=-1)
 
     @can_return_tuple

@@ -246,10 +246,18 @@ def main(argv: list[str] | None = None) -> int:
         if min(accuracy.values()) < args.min_accuracy:
             print(f"error: below --min-accuracy {args.min_accuracy:.0%}: weights NOT written", file=sys.stderr)
             return 1
-        args.output.mkdir(parents=True, exist_ok=True)
-        shutil.copy(model / "model.safetensors", args.output / "model.safetensors.partial")
-        os.chmod(args.output / "model.safetensors.partial", 0o644)
-        (args.output / "model.safetensors.partial").replace(args.output / "model.safetensors")
+        if args.output.resolve() == EMBEDDED_MODEL.resolve():
+            # The shipped folder keeps its card, code links and processor: only its weights change, whole or not at all.
+            shutil.copy(model / "model.safetensors", args.output / "model.safetensors.partial")
+            os.chmod(args.output / "model.safetensors.partial", 0o644)
+            (args.output / "model.safetensors.partial").replace(args.output / "model.safetensors")
+        else:  # a folder of its own: finetune.py's complete output, with this training's card
+            from model_folder import derived_card, write_model_folder
+
+            shutil.copytree(model, args.output, dirs_exist_ok=True)
+            what = f"Trained from random weights by train_embedded_model.py (seed {args.seed}); held-out accuracy: " + (
+                ", ".join(f"{value:.0%} for {question!r}" for question, value in accuracy.items()))
+            write_model_folder(args.output, processor, derived_card(str(EMBEDDED_MODEL), "Florence-VL tiny", what))
     print(f"weights written to {args.output / 'model.safetensors'}")
     return 0
 

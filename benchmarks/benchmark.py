@@ -208,20 +208,16 @@ def stage_times(model, inputs: dict) -> dict[str, float]:
     t_depth, depth = timed(lambda: inner.get_depth_features(inputs["pixel_values"]).pooler_output, device)
     t_breadth, breadth = timed(lambda: inner.get_breadth_features(depth), device)
 
-    def fuse() -> torch.Tensor:
-        features = {"depth": depth, **breadth}
-        return inner.dbfusion_projector(torch.cat([features[n] for n in model.config.fused_features], dim=-1))
-
-    t_fusion, image_features = timed(fuse, device)
+    t_fusion, image_features = timed(lambda: inner.dbfusion_projector(inner.fuse_features(depth, breadth)), device)
 
     def prefill() -> torch.Tensor:
+        """The model's own splice (get_placeholder_mask) and forward, given the image features."""
         ids = inputs["input_ids"]
-        mask = ids == model.config.image_token_id
-        embeds = inner.get_input_embeddings()(ids.masked_fill(mask, 0))
-        embeds = embeds.masked_scatter(mask[..., None], image_features.to(embeds.dtype))
-        hidden = inner.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
-                                      use_cache=True).last_hidden_state
-        return model.lm_head(hidden[:, -1:]).argmax(-1)
+        embeds = inner.get_input_embeddings()(ids)
+        features = image_features.to(embeds.dtype)
+        embeds = embeds.masked_scatter(inner.get_placeholder_mask(ids, embeds, features), features)
+        output = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], use_cache=True, logits_to_keep=1)
+        return output.logits.argmax(-1)
 
     t_prefill, _ = timed(prefill, device)
     return {"depth": t_depth, "breadth": t_breadth, "fusion": t_fusion, "prefill": t_prefill}

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import benchmark  # noqa: E402  (sets the offline Hub, exposes the repo as package florence_vl)
 import torch  # noqa: E402
 from ask import materialise_embedded_model  # noqa: E402
-from florence_vl.configuration_florence_vl import REMOTE_CODE_FILES  # noqa: E402
+from model_folder import derived_card, write_model_folder  # noqa: E402
 from shapes_data import QUESTIONS, draw_scene, random_scene  # noqa: E402
 from train_embedded_model import chat_batch  # noqa: E402
 
@@ -55,11 +55,8 @@ def build_folder(size: str, folder: Path, dtype: torch.dtype) -> Path:
     processor = FlorenceVLProcessor(image_processor=default_image_processor(), tokenizer=tokenizer_side.tokenizer,
                                     chat_template=tokenizer_side.chat_template, image_token=tokenizer_side.image_token)
     model.config.image_token_id = processor.image_token_id
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    for name in REMOTE_CODE_FILES:
-        shutil.copy(ROOT / name, out / name)
-    return out
+    card = derived_card(str(embedded), f"Florence-VL {size} (random weights)", "Random weights, for benchmarks.")
+    return write_model_folder(out, processor, card, model=model)
 
 
 def requests(count: int, seed: int = 0) -> list[tuple[object, str]]:

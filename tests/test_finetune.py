@@ -139,7 +139,15 @@ def test_stage2_freezes_the_tower_and_checkpoint_reloads(tiny_repo_factory, data
     assert all(torch.equal(old[k], new[k]) for k in tower), "stage 2 changed Florence-2 tower weights"
     assert all(not torch.equal(old[k], new[k]) for k in trained if k.endswith("weight") and "norm" not in k)
 
-    reloaded, reloaded_processor = load(tmp_path / "stage2")
+    # A complete folder of its own: code, card with Hub metadata naming what it was trained from, example image.
+    from florence_vl.configuration_florence_vl import REMOTE_CODE_FILES
+
+    saved = tmp_path / "stage2"
+    assert all((saved / name).is_file() and not (saved / name).is_symlink() for name in REMOTE_CODE_FILES)
+    card = (saved / "README.md").read_text()
+    assert card.startswith("---\n") and "custom_code" in card and f"fine-tuned from `{folder}`" in card
+    assert (saved / "assets" / "example.png").is_file()
+    reloaded, reloaded_processor = load(saved)
     auto_map = json.loads((tmp_path / "stage2" / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForImageTextToText"] == "modeling_florence_vl.FlorenceVLForConditionalGeneration"
     assert eval_loss(reloaded, batch) == eval_loss(model, batch)

@@ -355,14 +355,17 @@ def test_throughput_benchmark_runs(tmp_path):
     assert "vLLM / transformers throughput" in result.stdout
 
 
-def test_readme_snippets_run(folder, server, monkeypatch, capfd):
-    """The README's vLLM blocks run as written (MODEL = the embedded folder; the client's URL = the test's server)."""
-    blocks = [code for marker, code in card_python_blocks((ROOT / "README.md").read_text()) if marker == VLLM_MARKER]
+def test_serving_docs_run_as_written(folder, server, monkeypatch, capfd):
+    """docs/serving.md's vLLM blocks run as written (MODEL = the embedded folder, which vLLM and the server serve; the
+    client's URL = the test's server), and both answer the example image's colour: green."""
+    blocks = [code for marker, code in card_python_blocks((ROOT / "docs" / "serving.md").read_text())
+              if marker == VLLM_MARKER]
     assert len(blocks) == 2
     monkeypatch.chdir(ROOT)  # the blocks read assets/example.png
-    namespace = {"__name__": "__readme__", "MODEL": str(folder)}
+    namespace = {"__name__": "__docs__", "MODEL": str(folder)}
     for index, code in enumerate(blocks):
         code = code.replace("http://127.0.0.1:8000", server)
-        exec(compile(code, f"README.md vLLM block {index}", "exec"), namespace)
-    assert namespace["outputs"][0].outputs[0].token_ids and namespace["reply"].choices[0].message.content is not None
-    assert capfd.readouterr().out.strip()
+        exec(compile(code, f"docs/serving.md vLLM block {index}", "exec"), namespace)
+    assert namespace["outputs"][0].outputs[0].text.strip() == "green"
+    assert namespace["reply"].choices[0].message.content.strip() == "green"
+    assert capfd.readouterr().out.split() == ["green", "green"]
