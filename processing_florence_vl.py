@@ -27,10 +27,11 @@ from .compatibility_florence_vl import (
     output_flags,
     pil_image_processor,
 )
+from .configuration_florence_vl import IMAGE_TOKENS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_IMAGE_TOKEN = "<|reserved_special_token_0|>"  # Llama-3's first reserved token (the 8B release's LLM)
+DEFAULT_IMAGE_TOKEN = IMAGE_TOKENS["llama"]  # the 8B release's
 
 
 class FlorenceVLProcessorKwargs(ProcessingKwargs, total=False):

@@ -111,8 +111,8 @@ def test_answer_length_is_the_same_everywhere():
     from cli_common import DEFAULT_MAX_NEW_TOKENS
 
     assert ask.parse_args([]).max_new_tokens == app.parse_args([]).max_new_tokens == DEFAULT_MAX_NEW_TOKENS == 256
-    readme = (ROOT / "README.md").read_text()
-    assert set(re.findall(r"max_new_tokens=(\d+)", readme)) == {"256"}
+    for page in (ROOT / "README.md", ROOT / "docs" / "usage.md"):
+        assert set(re.findall(r"max_new_tokens=(\d+)", page.read_text())) == {"256"}, page
 
 
 def write_samples(folder: Path, rows: list[dict]) -> Path:
