@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, require_fixture
+from conftest import ROOT
 
 try:
     import gradio  # noqa: F401
@@ -35,8 +35,9 @@ if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
                 "(scripts/test.sh installs them with apt-get when it runs as root with apt available)",
                 allow_module_level=True)
 
-IMAGE_PATH = require_fixture() / "shapes_640x480.png"
-QUESTIONS = ["What is shown in the image?", "And what colour is it?"]
+IMAGE_PATH = ROOT / "assets" / "example.png"  # one green triangle
+QUESTIONS = ["What colour is the shape?", "What shape is it?"]
+KNOWN_ANSWERS = ["green", "triangle"]
 MAX_NEW_TOKENS = 8
 SERVER_START_S = 180
 ANSWER_S = 120
@@ -75,9 +76,16 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_repo_factory, tmp_path_factory):
-    """app.py serving the tiny llama repo, started from another directory with its own TMPDIR; stopped at the end."""
-    folder = tiny_repo_factory("llama")
+def folder(tmp_path_factory) -> Path:
+    """The shipped embedded model copied alone (links resolved), as a Hub upload of it serves it."""
+    target = tmp_path_factory.mktemp("app_model") / "tiny-florence-vl-app"
+    shutil.copytree(ROOT / "assets" / "tiny-florence-vl", target, symlinks=False)
+    return target
+
+
+@pytest.fixture(scope="module")
+def server(folder, tmp_path_factory):
+    """app.py serving that copy (--model), started from another directory with its own TMPDIR; stopped at the end."""
     port = free_port()
     root = tmp_path_factory.mktemp("app")
     log, tmpdir = root / "server.log", root / "tmp"
@@ -122,12 +130,11 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_repo_factory):
+def reference(folder):
     """Greedy generate + decode for the same model, image and questions, turn by turn (the expected answers)."""
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    folder = tiny_repo_factory("llama")
     processor = AutoProcessor.from_pretrained(str(folder), trust_remote_code=True)
     model = AutoModelForImageTextToText.from_pretrained(str(folder), trust_remote_code=True).eval()
     image = Image.open(IMAGE_PATH).convert("RGB")
@@ -209,12 +216,12 @@ def test_chat_in_the_browser(server, browser, reference, tmp_path_factory):
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#image img")))  # the uploaded preview
 
     first = ask(browser, QUESTIONS[0], reference[0])
-    assert first == reference[0]
+    assert first == reference[0] and first.strip() == KNOWN_ANSWERS[0]
     chat_text = browser.find_element(By.CSS_SELECTOR, "#chatbot").text
     assert QUESTIONS[0] in chat_text
 
     second = ask(browser, QUESTIONS[1], reference[1])  # the follow-up continues the same conversation
-    assert second == reference[1]
+    assert second == reference[1] and second.strip() == KNOWN_ANSWERS[1]
     assert QUESTIONS[1] in browser.find_element(By.CSS_SELECTOR, "#chatbot").text
 
     screenshot = artifacts_dir(tmp_path_factory) / "app_chat.png"
