@@ -54,14 +54,14 @@ LLM_FAMILIES = {  # for the model card: the LLM's name, Hub id and licence (the 
         "license_text": "The weights follow the **Llama 3.1 Community License** of the language model they contain "
                         "(https://huggingface.co/meta-llama/Llama-3.1-8B-Instruct/blob/main/LICENSE), and the "
                         "Florence-2 vision encoder's MIT license (https://huggingface.co/microsoft/Florence-2-large-ft). "
-                        "The model code (the three `.py` files) is MIT-licensed.",
+                        "The model code (the four `.py` files) is MIT-licensed.",
     },
     "llava_phi": {
         "name": "Phi-3.5", "base": "microsoft/Phi-3.5-mini-instruct", "license": "mit",
         "license_text": "The weights follow the **MIT License** of Phi-3.5-mini-instruct "
                         "(https://huggingface.co/microsoft/Phi-3.5-mini-instruct/blob/main/LICENSE) and of the "
                         "Florence-2 vision encoder (https://huggingface.co/microsoft/Florence-2-large-ft). The model "
-                        "code (the three `.py` files) is MIT-licensed.",
+                        "code (the four `.py` files) is MIT-licensed.",
     },
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
