@@ -13,14 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from conftest import ROOT, VLLM_MARKER, card_python_blocks, require_fixture
 
 README = ROOT / "README.md"
 HUB_ID = "test-org/florence-vl-tiny"
-CUDA_MARKER = "<!-- card-test: skip-without-cuda -->"
 
 
 def front_matter(text: str) -> dict:
@@ -30,8 +28,8 @@ def front_matter(text: str) -> dict:
 
 
 def python_blocks(text: str) -> list[tuple[str, bool]]:
-    """(code, needs_cuda) of every ```python block that transformers alone runs, in order (not the vLLM ones)."""
-    return [(code, marker == CUDA_MARKER) for marker, code in card_python_blocks(text) if marker != VLLM_MARKER]
+    """Every ```python block that transformers alone runs, in order (not the vLLM ones)."""
+    return [code for marker, code in card_python_blocks(text) if marker != VLLM_MARKER]
 
 
 def test_front_matter():
@@ -69,10 +67,10 @@ def test_usage_snippets_run_as_written(monkeypatch, capfd):
     """The README's blocks, as written, from the repository root: MODEL is the embedded folder, which answers the
     example image's colour with the word the README promises."""
     blocks = python_blocks(README.read_text())
-    assert len(blocks) == 2 and not any(needs_cuda for _, needs_cuda in blocks)
+    assert len(blocks) == 2
     monkeypatch.chdir(ROOT)
     namespace = {"__name__": "__readme__"}
-    for index, (code, _) in enumerate(blocks):
+    for index, code in enumerate(blocks):
         try:
             exec(compile(code, f"README.md python block {index}", "exec"), namespace)
         except Exception as error:  # name the block: the traceback alone points into a string
@@ -108,8 +106,7 @@ def converted_with_card(tmp_path_factory) -> Path:
 def test_converted_card_runs_from_another_directory_as_a_hub_user(converted_with_card, tmp_path):
     hf_home = tmp_path / "hf_home"
     hub_cache_with(converted_with_card, HUB_ID, hf_home)
-    code = "\n".join(code for code, needs_cuda in python_blocks((converted_with_card / "README.md").read_text())
-                     if not needs_cuda)
+    code = "\n".join(python_blocks((converted_with_card / "README.md").read_text()))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", PYTHONPATH="")

@@ -65,13 +65,6 @@ def reference(folder, probe):
     return inputs, sequences, step_logits(model, inputs, sequences)
 
 
-def bitsandbytes_or_skip():
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as error:  # ImportError, or a backend that fails to initialise
-        pytest.skip(f"bitsandbytes is not usable here: {str(error).splitlines()[0] if str(error) else error!r}")
-
-
 def linear_kinds(model) -> dict[str, str]:
     """Each Linear-like module's class name, by module name."""
     return {name: type(m).__name__ for name, m in model.named_modules() if "Linear" in type(m).__name__}
@@ -90,8 +83,8 @@ MAX_RELATIVE_LOGIT_ERROR = {"int8": 0.02, "nf4": 0.08, "fp4": 0.08}
 
 
 @pytest.mark.parametrize("kind", list(QUANTIZATIONS))
-def test_quantized_loading_keeps_florence2_and_lm_head_and_stays_close_to_float32(folder, reference, kind):
-    bitsandbytes_or_skip()
+def test_quantized_loading_keeps_florence2_and_lm_head_stays_close_to_float32_and_generates(folder, reference, kind):
+    import bitsandbytes  # noqa: F401  (the test command installs it: failing to import is a failure, not a skip)
     from transformers import BitsAndBytesConfig
 
     model, _ = load(folder, quantization_config=BitsAndBytesConfig(**QUANTIZATIONS[kind]), dtype=torch.float32,
@@ -112,6 +105,14 @@ def test_quantized_loading_keeps_florence2_and_lm_head_and_stays_close_to_float3
           f"relative logit error {error:.4f}")
     assert agreement >= MIN_TOP1_AGREEMENT[kind]
     assert error <= MAX_RELATIVE_LOGIT_ERROR[kind]
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    assert generated.shape == sequences.shape
+    # Free-running (KV cache, quantized all the way): measured 91.7% (int8), 90.6% (nf4), 96.9% (fp4) of float32's
+    # tokens; unrelated weights share none of them.
+    same = (generated[:, -NEW_TOKENS:] == sequences[:, -NEW_TOKENS:]).float().mean().item()
+    print(f"{kind}: free-running greedy tokens equal to float32's: {same:.1%}")
+    assert same >= 0.8
 
 
 def test_an_unrelated_model_agrees_far_less(folder, reference, tmp_path):
@@ -125,7 +126,6 @@ def test_an_unrelated_model_agrees_far_less(folder, reference, tmp_path):
 
 
 def test_users_can_quantize_the_florence2_side_too(folder):
-    bitsandbytes_or_skip()
     from transformers import BitsAndBytesConfig
 
     model, _ = load(folder, quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=torch.float32,
