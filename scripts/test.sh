@@ -29,11 +29,26 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
   fi
 fi
 status=0
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
 for pair in "tf4:tf5" "tf5:tf4"; do
   this=${pair%%:*} other=${pair##*:}
   echo "=== pytest under $(.venv-$this/bin/python -c 'import transformers; print("transformers", transformers.__version__)')"
-  FLORENCE_VL_OTHER_PYTHON="$PWD/.venv-$other/bin/python" .venv-$this/bin/python -m pytest tests -q -rs -p no:cacheprovider "$@" || status=1
+  FLORENCE_VL_OTHER_PYTHON="$PWD/.venv-$other/bin/python" .venv-$this/bin/python -m pytest tests -q -rs -p no:cacheprovider \
+    "$@" 2>&1 | tee "$logs/$this.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
 echo "=== pytest tests/test_vllm.py under $(.venv-vllm/bin/python -c 'import vllm; print("vLLM", vllm.__version__)')"
-.venv-vllm/bin/python -m pytest tests/test_vllm.py -q -rs -p no:cacheprovider "$@" || status=1
+.venv-vllm/bin/python -m pytest tests/test_vllm.py -q -rs -p no:cacheprovider "$@" 2>&1 | tee "$logs/vllm.log"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+# Every skip of every run, with its reason, in one place (a skip names something missing that the command cannot
+# install, or a deliberate deviation; never a failure).
+echo "=== Skipped, with reasons (tf4: transformers $V4, tf5: $V5, vllm: the vLLM venv)"
+for run in tf4 tf5 vllm; do
+  grep '^SKIPPED' "$logs/$run.log" | sed "s/^/$run  /" || true
+done
+# One closing line for the three runs together (each run's own closing line is above).
+grep -hE '^[0-9]+ (passed|failed|skipped|errors?)\b' "$logs/tf4.log" "$logs/tf5.log" "$logs/vllm.log" > "$logs/summary" || true
+total() { grep -oE "[0-9]+ ($1)\b" "$logs/summary" | awk '{n += $1} END {print n + 0}'; }
+echo "total: $(total passed) passed, $(( $(total failed) + $(total 'errors?') )) failed, $(total skipped) skipped"
 exit $status
