@@ -303,11 +303,21 @@ def test_cli_keeps_dtype_by_default(tmp_path):
 
 
 def test_cli_vision_tower_override(tmp_path):
+    """The tower comes from --vision-tower, not from the shards: a tower folder whose weights differ from the shards'
+    gives the converted model its weights."""
+    import shutil
+
     fixture = require_fixture() / "original_checkpoint"
-    result = run_cli(fixture, tmp_path / "out", "--vision-tower", fixture / "vision_tower")
+    tower = tmp_path / "other_tower"
+    shutil.copytree(fixture / "vision_tower", tower)
+    weights = load_file(str(tower / "model.safetensors"))
+    weights["image_proj_norm.weight"] = weights["image_proj_norm.weight"] + 1.0  # unlike the shards' copy
+    save_file(weights, str(tower / "model.safetensors"))
+    result = run_cli(fixture, tmp_path / "out", "--vision-tower", tower)
     assert result.returncode == 0, result.stderr
-    assert "replaced by --vision-tower" in result.stdout
-    assert f"tower weights from {fixture / 'vision_tower'}" in result.stdout
+    assert "replaced by --vision-tower" in result.stdout and f"tower weights from {tower}" in result.stdout
+    converted = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert torch.equal(converted["model.vision_projector.image_proj_norm.weight"], weights["image_proj_norm.weight"])
 
 
 def test_cli_dry_run_writes_nothing(tmp_path):
@@ -328,3 +338,14 @@ def test_converted_by_the_other_version_loads_here(tmp_path):
     assert rope["rope_theta"] == 500000.0 and config.text_config.rms_norm_eps == 1e-5
     processor = transformers.AutoProcessor.from_pretrained(out, trust_remote_code=True)
     assert processor.tokenizer.convert_tokens_to_ids(processor.image_token) == config.image_token_id == 5
+    # Its weights load here and give the logits of the same release converted here.
+    here = tmp_path / "here"
+    assert run_cli(require_fixture() / "original_checkpoint", here).returncode == 0
+    ids = torch.tensor([[0, 0, 2] + [5] * 577 + [40, 41, 42]])
+    pixels = torch.randn(1, 3, 768, 768, generator=torch.Generator().manual_seed(0))
+    logits = []
+    for folder in (out, here):
+        model = transformers.AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+        with torch.no_grad():
+            logits.append(model(input_ids=ids, pixel_values=pixels).logits)
+    assert torch.equal(logits[0], logits[1])

@@ -110,7 +110,7 @@ def test_bad_input_fails_cleanly(tmp_path, make_source):
     out_parent.mkdir()
     result = subprocess.run([sys.executable, str(ROOT / "convert_checkpoint.py"), str(src), str(out_parent / "out")],
                             capture_output=True, text=True, env=os.environ.copy(), timeout=300)
-    assert result.returncode != 0
+    assert result.returncode == 1, result.stderr  # the documented status of a failed conversion
     assert "Traceback" not in result.stderr + result.stdout
     message = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(message) == 1, result.stderr

@@ -60,13 +60,12 @@ def reference(loaded) -> tuple[list[int], str]:
 
 def encode(processor, image):
     """Model inputs for the one-image chat, as a user builds them."""
-    return processor.apply_chat_template(
-        chat({"type": "image", "image": image}),
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-    )
+    return encode_chat(processor, chat({"type": "image", "image": image}))
+
+
+def encode_chat(processor, messages):
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                         return_tensors="pt")
 
 
 def _eos_ids(model) -> set[int]:
@@ -78,9 +77,15 @@ def test_auto_processor_and_generate(loaded, reference):
     _, processor, model = loaded
     assert type(processor).__name__ == "FlorenceVLProcessor"
     assert model.config.image_token_id == processor.image_token_id
-    ids, text = reference
+    ids, _ = reference
     assert ids.count(processor.image_token_id) == processor.image_seq_length
-    assert isinstance(text, str)
+    # generate is greedy: each new token is the argmax of one forward pass over everything before it.
+    inputs = encode(processor, Image.open(IMAGE_PATH))
+    prompt_length = inputs["input_ids"].shape[1]
+    full = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(input_ids=full[:, :-1], pixel_values=inputs["pixel_values"]).logits
+    assert logits[0, prompt_length - 1:].argmax(-1).tolist() == ids[prompt_length:]
 
 
 @pytest.mark.parametrize("source", ["pil", "path"])
@@ -133,12 +138,15 @@ def test_batched_generation_is_left_padded(loaded, reference):
     )
     assert inputs["attention_mask"][:, -1].all()  # left padding: every row ends on a real token
     assert not inputs["attention_mask"][1, 0]
+    single = encode_chat(processor, chats[1])
     with torch.no_grad():
         out = model.generate(**inputs, **GREEDY)
+        alone = model.generate(**single, **GREEDY)
     _, expected_text = reference
-    first = processor.post_process_image_text_to_text(out[:, inputs["input_ids"].shape[1] :])[0]
-    # Same prompt alone and in a left-padded batch: same greedy answer (float32 on CPU).
+    first, second = processor.post_process_image_text_to_text(out[:, inputs["input_ids"].shape[1] :])
+    # Each prompt alone and in a left-padded batch: same greedy answer (float32 on CPU), the padded row included.
     assert first == expected_text
+    assert second == processor.post_process_image_text_to_text(alone[:, single["input_ids"].shape[1]:])[0]
 
 
 # ----------------------------------------------------------------------------------------- the other version
