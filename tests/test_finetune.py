@@ -204,4 +204,10 @@ def test_accelerate_launch_two_processes(tiny_repo_factory, data_file, tmp_path)
     assert output.count("train loss") == 2, output[-4000:]  # both ranks trained
     # 3 samples, 1 per rank and step: with two ranks one step is half an epoch (alone it would be a third).
     assert "'epoch': 0.5" in output or "'epoch': '0.5'" in output, output[-4000:]
-    load(tmp_path / "ddp")
+    # What the two ranks trained together was saved: stage 2 moved the LLM and kept the Florence-2 side.
+    base, _ = load(folder)
+    trained, _ = load(tmp_path / "ddp")
+    old, new = base.state_dict(), trained.state_dict()
+    tower = [k for k in old if any(f"model.{m}." in k for m in finetune.TOWER_MODULES)]
+    assert tower and all(torch.equal(old[k], new[k]) for k in tower)
+    assert not torch.equal(old["lm_head.weight"], new["lm_head.weight"])

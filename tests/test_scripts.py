@@ -167,12 +167,16 @@ def test_finetune_streams_checkpoints_shows_progress_and_prints_no_warnings(tiny
     assert (out / "checkpoint-1").is_dir() and (out / "checkpoint-2").is_dir() and (out / "model.safetensors").is_file()
     assert "2/2 [" in result.stderr  # the progress bar
     assert "Warning" not in result.stderr and "warn" not in result.stderr.lower(), result.stderr[-3000:]
-    # --resume continues from the newest checkpoint instead of starting again.
-    resumed = run_script(SCRIPTS["finetune"], *common, "--max-steps", "3", "--save-steps", "0", "--resume",
+    # --resume continues from the newest checkpoint instead of starting again: one more step (a restart would take
+    # three), then the checkpoint rotation keeps the newest two.
+    resumed = run_script(SCRIPTS["finetune"], *common, "--max-steps", "3", "--save-steps", "1", "--resume",
                          cwd=elsewhere)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
-    assert state["global_step"] == 2 and "after 3 steps" in resumed.stdout
+    assert "after 3 steps" in resumed.stdout
+    assert resumed.stdout.count("'loss'") == 1, resumed.stdout[-3000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3]
 
 
 def test_finetune_dataset_renders_lazily():

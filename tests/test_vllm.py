@@ -181,25 +181,29 @@ def test_image_features_equal_transformers(llm, transformers_side):
     assert (features - reference).abs().max() <= 1e-5 * reference.abs().max()
 
 
-def test_image_features_come_from_the_model_seam(llm, folder):
-    """vLLM expands one image into image_seq_length placeholders (the processor's replace_image_token), the rows that
-    get_image_features(...).pooler_output fills (checked through the prompt ids vLLM built)."""
+def test_vllm_expands_each_image_into_image_seq_length_placeholders(llm, folder):
+    """vLLM expands one image into image_seq_length placeholders (the processor's replace_image_token and
+    _get_num_multimodal_tokens), the rows that get_image_features(...).pooler_output fills (that they hold the model's
+    features: test_image_features_equal_transformers)."""
     config = json.loads((folder / "config.json").read_text())
     image, question = fixture_cases()[0]
     (output,) = chat(llm, [conversation([image], question)])
     assert list(output.prompt_token_ids).count(config["image_token_id"]) == config["image_seq_length"]
 
 
-def test_more_images_than_placeholders_is_a_clear_error(llm):
-    """A raw prompt with one image placeholder and two images: refused, naming the image that has no place (vLLM
-    places the visual tokens itself, so the error is its own), and the engine keeps serving new images. (Re-sending
-    one of the refused images at once hits vLLM 0.32's multi-modal cache drift, MultiModalCacheMissError: vLLM's.)"""
+def test_more_images_than_placeholders_is_refused_by_vllm(llm):
+    """A raw prompt with one image placeholder and two images: vLLM refuses it, naming the image that has no place,
+    and the engine keeps serving new images. The check is vLLM's own (it places the visual tokens itself, without our
+    processor's count check) and vLLM 0.32 raises it as an AssertionError, not a ValueError: asserted exactly, so a
+    change in vLLM shows here (docs/serving.md says so). Chat requests cannot meet it: the template writes one
+    placeholder per image. (Re-sending one of the refused images at once hits vLLM 0.32's multi-modal cache drift,
+    MultiModalCacheMissError: vLLM's.)"""
     (first, _), (second, _), (third, _) = fixture_cases()[:3]
     config = json.loads((Path(llm.llm_engine.model_config.model) / "config.json").read_text())
     tokenizer = llm.get_tokenizer()
     placeholder = tokenizer.convert_ids_to_tokens(config["image_token_id"])
     prompt = {"prompt": f"{placeholder}\nWhat is this?", "multi_modal_data": {"image": [first, second]}}
-    with pytest.raises((ValueError, AssertionError), match=r"mm_items\['image'\]\[1\]"):
+    with pytest.raises(AssertionError, match=r"Failed to apply prompt replacement for mm_items\['image'\]\[1\]"):
         llm.generate(prompt, vllm.SamplingParams(max_tokens=2), use_tqdm=False)
     (output,) = chat(llm, [conversation([third], "What is this?")])
     assert output.outputs[0].token_ids
@@ -351,8 +355,7 @@ def test_throughput_benchmark_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(out.read_text())
     assert report["transformers_seconds"] > 0 and report["vllm_seconds"] > 0
-    assert report["ratio"] == pytest.approx(report["transformers_seconds"] / report["vllm_seconds"])
-    assert "vLLM / transformers throughput" in result.stdout
+    assert f"vLLM / transformers throughput: {report['ratio']:.2f}x" in result.stdout  # what it prints is its report
 
 
 def test_serving_docs_run_as_written(folder, server, monkeypatch, capfd):
