@@ -241,3 +241,28 @@ def test_sigterm_stops_the_server_and_removes_its_temporary_files(server):
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(timeout=30) == 0, server.log.read_text()[-3000:]
     assert list(server.tmpdir.iterdir()) == [], f"left behind: {list(server.tmpdir.iterdir())}"
+
+
+def test_ctrl_c_stops_the_server_and_removes_its_temporary_files(folder, tmp_path):
+    """Ctrl-C (SIGINT) stops the server like SIGTERM (Gradio's launch catches it and closes the server: exit status 0)
+    and the scratch folder goes with it."""
+    port, tmpdir = free_port(), tmp_path / "tmp"
+    tmpdir.mkdir()
+    log = tmp_path / "server.log"
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", NO_PROXY="127.0.0.1,localhost", TMPDIR=str(tmpdir))
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", str(folder), "--host",
+                                    "127.0.0.1", "--port", str(port), "--device", "cpu"],
+                                   cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_server(f"http://127.0.0.1:{port}/", process, log)
+        assert list(tmpdir.iterdir()), "the running server keeps its scratch folder under TMPDIR"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=15)
+    assert list(tmpdir.iterdir()) == [], f"left behind: {list(tmpdir.iterdir())}"
+    assert "Traceback" not in log.read_text()
+

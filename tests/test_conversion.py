@@ -262,6 +262,10 @@ def test_phi3_chat_format_and_generate(phi_release):
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 577
     output = model.generate(**inputs, do_sample=False, min_new_tokens=4, max_new_tokens=4)
     assert output.shape[1] == inputs["input_ids"].shape[1] + 4
+    # Greedy through Phi-3's cache: each new token is the argmax of a full forward pass over what precedes it.
+    with torch.no_grad():
+        logits = model(input_ids=output[:, :-1], pixel_values=inputs["pixel_values"]).logits
+    assert torch.equal(logits[0, inputs["input_ids"].shape[1] - 1:].argmax(-1), output[0, inputs["input_ids"].shape[1]:])
 
 
 # ---------------------------------------------------------------------------------------------------- CLI behaviour

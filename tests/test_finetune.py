@@ -38,6 +38,13 @@ def data_file(tmp_path_factory) -> Path:
     return path
 
 
+def test_json_list_and_jsonl_give_the_same_samples(data_file, tmp_path):
+    listed = data_file.parent / "samples.json"
+    listed.write_text(json.dumps(SAMPLES))
+    assert finetune.load_samples(listed) == finetune.load_samples(data_file)
+    assert [s["image"] for s in finetune.load_samples(listed)] == [str(data_file.parent / s["image"]) for s in SAMPLES]
+
+
 def batch_of(processor, data_file: Path) -> dict[str, torch.Tensor]:
     """All samples as one padded training batch."""
     dataset = finetune.ChatDataset(processor, finetune.load_samples(data_file))
@@ -155,6 +162,15 @@ def test_stage2_freezes_the_tower_and_checkpoint_reloads(tiny_repo_factory, data
         assert torch.equal(reloaded(**batch).logits, model(**batch).logits)
     assert reloaded_processor.apply_chat_template(finetune.chat_messages(SAMPLES[0], False)) == \
         processor.apply_chat_template(finetune.chat_messages(SAMPLES[0], False))
+
+
+def test_lora_reaches_phi3s_fused_qkv_proj(tiny_repo_factory, data_file, tmp_path):
+    """Phi-3 fuses q/k/v into one `qkv_proj`: the LoRA targets cover it (and its o_proj), as the docs say."""
+    trainer = run_training(tiny_repo_factory("phi3"), data_file, tmp_path / "lora_phi3", "--stage", "2", "--lora",
+                           "--lora-rank", "4", "--max-steps", "1")
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert any("self_attn.qkv_proj.lora_A" in n for n in trainable), trainable[:8]
+    assert any("self_attn.o_proj.lora_A" in n for n in trainable)
 
 
 def test_lora_adapter_saves_and_reloads(tiny_repo_factory, data_file, tmp_path):

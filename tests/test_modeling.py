@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 import torch.nn.functional as F
 from conftest import tiny_config
 
@@ -172,8 +173,12 @@ def test_sdpa_and_eager_attention_agree(llm, tmp_path):
     sdpa = build(llm)
     sdpa.save_pretrained(tmp_path)
     eager = type(sdpa).from_pretrained(tmp_path, attn_implementation="eager", dtype=torch.float64).eval()
-    assert sdpa.config.text_config._attn_implementation == "sdpa"
-    assert eager.config.text_config._attn_implementation == "eager"
+    # The choice reaches the LLM and the Florence-2 encoder (and, on 5.x, whose DaViT dispatches on it, the tower).
+    for model, implementation in ((sdpa, "sdpa"), (eager, "eager")):
+        assert model.model.language_model.config._attn_implementation == implementation
+        assert model.model.breadth_encoder.config._attn_implementation == implementation
+        if not transformers.__version__.startswith("4."):
+            assert model.model.vision_tower.config._attn_implementation == implementation
     inputs = dict(input_ids=prompt(sdpa, 4, "image", 5), pixel_values=images(1))
     with torch.no_grad():
         torch.testing.assert_close(eager(**inputs).logits, sdpa(**inputs).logits)

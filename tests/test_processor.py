@@ -178,6 +178,15 @@ def test_every_pil_mode_matches_fixture(processor, mode):
     assert_pixels(pixels_of(processor, image), index)
 
 
+def test_16_bit_images_are_clipped_at_255_as_the_original_does(processor):
+    """Pillow's convert("RGB") of a 16-bit image clips each value at 255 (the original's behaviour, kept)."""
+    bright = Image.fromarray(np.full((40, 60), 4000, dtype=np.uint16))  # 16-bit values far above 255
+    dark = Image.fromarray(np.full((40, 60), 100, dtype=np.uint16))
+    white = normalised((255, 255, 255))
+    assert (pixels_of(processor, bright)[0, :, 384, 384] - white).abs().max().item() <= 1e-5
+    assert (pixels_of(processor, dark)[0, :, 384, 384] - normalised((100, 100, 100))).abs().max().item() <= 1e-5
+
+
 def test_numpy_hwc_uint8(processor):
     array = np.asarray(fixture_image(1).convert("RGB"))
     assert array.shape == (500, 300, 3) and array.dtype == np.uint8

@@ -105,6 +105,22 @@ def test_every_script_has_the_same_device_and_dtype_options(name, elsewhere):
         assert re.search(r"--max-new-tokens MAX_NEW_TOKENS", text)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ask_dtype_and_device_options_work(elsewhere, dtype):
+    """--dtype loads the weights in that dtype (bfloat16 runs on a CPU too) and the embedded model still answers;
+    --device cuda answers on a GPU and is one error line where there is none."""
+    image = str(ROOT / "assets" / "example.png")
+    result = run_script(SCRIPTS["ask"], "--image", image, "--dtype", dtype, "--device", "cpu", cwd=elsewhere)
+    assert result.returncode == 0 and result.stdout.splitlines()[-1] == "A: green", result.stderr[-2000:]
+    on_gpu = run_script(SCRIPTS["ask"], "--image", image, "--dtype", dtype, "--device", "cuda", cwd=elsewhere)
+    import torch
+
+    if torch.cuda.is_available():
+        assert on_gpu.returncode == 0 and on_gpu.stdout.splitlines()[-1] == "A: green", on_gpu.stderr[-2000:]
+    else:
+        assert_one_error_line(on_gpu, "--device cuda", "no CUDA GPU")
+
+
 def test_answer_length_is_the_same_everywhere():
     import app
     import ask
