@@ -160,6 +160,9 @@ def test_memory_table_is_the_computed_one():
 
     computed = memory_table.table([memory_table.release_footprint(name) for name in memory_table.NAMES])
     assert computed in (ROOT / "docs" / "memory.md").read_text(), computed
+    # The README quotes the 8B's bfloat16 and 4-bit totals from that table.
+    rows = {row.split(" | ")[1]: row.split(" | ")[4] for row in computed.splitlines() if "8B" in row}
+    assert f"The 8B needs {rows['bfloat16']} in bfloat16 and {rows['4-bit nf4/fp4']} in 4-bit" in README.read_text()
     # Sanity of the numbers themselves: the 8B in bfloat16 is 16 GiB of weights, 4-bit about 40% of that.
     footprint_8b = memory_table.release_footprint("florence_vl_8b_llava_llama")
     bf16 = footprint_8b.weights_bytes("bfloat16") / 1024**3
