@@ -130,3 +130,53 @@ def test_greedy_tokens_agree_across_runs_and_attention_backends(model, tmp_path)
     pixels = torch.cat([p for _, p in samples]).float()
     sdpa = generate(load(torch.float32, "sdpa"), ids, pixels, attention_mask=mask).tolist()
     assert generate(load(torch.float32, "eager"), ids, pixels, attention_mask=mask).tolist() == sdpa
+
+
+# The behaviours of transformers' GenerationTesterMixin tests that its source distribution does not ship
+# (tests/generation/): left padding, generating from inputs_embeds, continuing from inputs_embeds with a cache.
+def test_prepare_inputs_for_generation_names_inputs_embeds(model):
+    import inspect
+
+    assert "inputs_embeds" in inspect.signature(model.prepare_inputs_for_generation).parameters
+    assert model.config.get_text_config().use_cache
+
+
+def test_left_padding_leaves_the_next_token_logits_unchanged(model):
+    ids, pixels = sample(model, [6, 3], 1, seed=5)
+    with torch.no_grad():
+        unpadded = model(input_ids=ids[None], pixel_values=pixels).logits[:, -1]
+        padded_ids, mask = left_pad([ids], model.config.text_config.pad_token_id)
+        pad = torch.full((1, 7), model.config.text_config.pad_token_id)
+        padded_ids, mask = torch.cat([pad, padded_ids], 1), torch.cat([torch.zeros_like(pad), mask], 1)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        padded = model(input_ids=padded_ids, attention_mask=mask, position_ids=position_ids,
+                       pixel_values=pixels).logits[:, -1]
+    torch.testing.assert_close(padded, unpadded)
+
+
+@pytest.mark.parametrize("num_images", [0, 1])
+def test_generate_from_inputs_embeds_equals_generate_from_ids(model, num_images):
+    """Only the new tokens come back, the same as from the ids (with an image, its placeholders are found by their
+    embedding); random embeddings generate too."""
+    ids, pixels = sample(model, [4, 5][: num_images + 1], num_images, seed=6)
+    embeds = model.get_input_embeddings()(ids[None])
+    from_ids = generate(model, ids[None], pixels if num_images else None)
+    options = {"max_new_tokens": NEW, "min_new_tokens": NEW, "do_sample": False}
+    from_embeds = model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids[None]),
+                                 pixel_values=pixels if num_images else None, **options)
+    assert from_embeds.tolist() == from_ids.tolist()
+    noise = torch.randn(2, 5, embeds.shape[-1], generator=torch.Generator().manual_seed(0), dtype=embeds.dtype)
+    assert model.generate(inputs_embeds=noise, **options).shape == (2, NEW)
+
+
+def test_generate_continues_from_inputs_embeds_and_its_cache(model):
+    """Generating 2N tokens at once equals N, then N more from the cache and the embeddings of all tokens so far."""
+    ids, _ = sample(model, [8], 0, seed=7)
+    options = {"do_sample": False, "return_dict_in_generate": True}
+    embeds = model.get_input_embeddings()(ids[None])
+    whole = model.generate(inputs_embeds=embeds, max_new_tokens=2 * NEW, min_new_tokens=2 * NEW, **options)
+    first = model.generate(inputs_embeds=embeds, max_new_tokens=NEW, min_new_tokens=NEW, **options)
+    so_far = torch.cat([ids[None], first.sequences], dim=1)
+    second = model.generate(inputs_embeds=model.get_input_embeddings()(so_far), past_key_values=first.past_key_values,
+                            max_new_tokens=NEW, min_new_tokens=NEW, **options)
+    assert torch.cat([first.sequences, second.sequences], dim=1).tolist() == whole.sequences.tolist()
