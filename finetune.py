@@ -6,9 +6,11 @@
 --stage 1 trains the whole model; --stage 2 freezes the Florence-2 tower (DaViT tower, its projection and the BART
 encoder that computes the breadth features) and trains the DBFusion projector and the LLM. --lora trains LoRA adapters
 on the LLM's attention projections instead of the LLM (and, in stage 2, the whole DBFusion projector). Labels come from
-the model's own chat template: only the answer tokens and the end-of-turn token after them are trained.
+the model's own chat template: only the answers and the end-of-turn token after each are trained.
 
-The data file is JSON (a list) or JSONL of {"image": path (relative to the file) or URL, "question": ..., "answer": ...}.
+The data file is JSON (a list) or JSONL of samples in any of three layouts (see load_samples): {"image", "question",
+"answer"}; LLaVA's {"image", "conversations": [{"from": "human", "value": "<image>\n..."}, {"from": "gpt", ...}]},
+several turns, the image optional; Hugging Face datasets' {"messages", "images"}. Image paths are relative to the file.
 Without --model it fine-tunes the embedded tiny model (assets/tiny-florence-vl, trained on coloured shapes).
 """
 
@@ -33,8 +35,14 @@ TOWER_MODULES = ("vision_tower", "vision_projector", "breadth_encoder")
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|qkv_proj)$"
 
 
-def load_samples(path: Path) -> list[dict[str, str]]:
-    """The samples of a JSON list or JSONL file, image paths made absolute (relative to the file) and checked.
+def load_samples(path: Path) -> list[dict[str, Any]]:
+    """The samples of a JSON list or JSONL file as chat `messages` (content blocks) and their `images` (paths made
+    absolute against the file, and checked). Three layouts, mixed freely:
+    - {"image", "question", "answer"}: one turn;
+    - LLaVA's {"image" (optional), "conversations": [{"from": "human"|"gpt", "value"}, ...]}: the `<image>` marker
+      anywhere in the first human turn, moved in front of its text as the original's preprocessing does;
+    - Hugging Face datasets' {"messages": [{"role", "content"}], "images" (optional)}: `{"type": "image"}` blocks,
+      or string contents with the images put before the first user text (TRL's convention).
 
     Runs before the model loads, so that a typo in sample 9,000 fails in a second, not after an hour of training.
     """
@@ -50,56 +58,93 @@ def load_samples(path: Path) -> list[dict[str, str]]:
         raise UsageError(f"{path}: no samples")
     samples = []
     for index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise UsageError(f"{path}: sample {index} is not an object with image, question and answer")
-        missing = {"image", "question", "answer"} - set(row)
-        if missing:
-            raise UsageError(f"{path}: sample {index} lacks {sorted(missing)}")
-        if not all(isinstance(row[key], str) and row[key].strip() for key in ("image", "question", "answer")):
-            raise UsageError(f"{path}: sample {index}: image, question and answer must be non-empty strings")
-        image = row["image"]
-        if not image.startswith(("http://", "https://")):
-            image = str(path.parent / image) if not Path(image).is_absolute() else image
-            if not Path(image).is_file():
-                raise UsageError(f"{path}: sample {index}: no image file at {image}")
-        samples.append({"image": image, "question": row["question"], "answer": row["answer"]})
+        try:
+            messages, images = _as_chat(row)
+            samples.append({"messages": messages, "images": [_image_path(image, path) for image in images]})
+        except ValueError as error:
+            raise UsageError(f"{path}: sample {index}: {error}") from None
     return samples
 
 
-def chat_messages(sample: dict[str, str], with_answer: bool) -> list[dict[str, Any]]:
-    """The sample as chat messages: the user turn (image + question) and, optionally, the assistant's answer."""
-    messages = [{"role": "user", "content": [{"type": "image", "image": sample["image"]},
-                                              {"type": "text", "text": sample["question"]}]}]
-    if with_answer:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": sample["answer"]}]})
-    return messages
+def _as_chat(row: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """One sample of any supported layout as (messages with content blocks, images); ValueError names the problem."""
+    if not isinstance(row, dict):
+        raise ValueError("not an object (want image/question/answer, conversations, or messages)")
+    images = row.get("images", [row["image"]] if "image" in row else [])
+    if not isinstance(images, list) or not all(isinstance(i, str) and i.strip() for i in images):
+        raise ValueError("images must be non-empty strings (paths relative to the data file, or URLs)")
+    if "conversations" in row:
+        turns = [(turn.get("from"), turn.get("value")) if isinstance(turn, dict) else (None, None)
+                 for turn in row["conversations"] or []]
+        turns = [({"human": "user", "gpt": "assistant"}.get(who, who), value) for who, value in turns]
+    elif "messages" in row:
+        turns = [(m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None) for m in row["messages"] or []]
+    elif {"question", "answer"} <= set(row):
+        turns = [("user", "<image>" * len(images) + str(row["question"])), ("assistant", row["answer"])]
+    else:
+        raise ValueError(f"has none of conversations, messages, or question and answer (keys: {sorted(row)})")
+    if not turns or any(role not in ("system", "user", "assistant") for role, _ in turns):
+        raise ValueError(f"roles must be human/gpt or system/user/assistant, got {[role for role, _ in turns]}")
+    if turns[-1][0] != "assistant":
+        raise ValueError("the last turn must be an answer (gpt / assistant): nothing to train on otherwise")
+    messages = [{"role": role, "content": _blocks(content, role)} for role, content in turns]
+    if "messages" in row and not any(b["type"] == "image" for m in messages for b in m["content"]) and images:
+        first_user = next(m for m in messages if m["role"] == "user")  # TRL's convention for string contents
+        first_user["content"][:0] = [{"type": "image"} for _ in images]
+    placed = sum(b["type"] == "image" for m in messages for b in m["content"])
+    if placed != len(images):
+        raise ValueError(f"{placed} image markers (<image> / image blocks) but {len(images)} images")
+    if any(b["type"] == "image" for m in messages if m["role"] != "user" for b in m["content"]):
+        raise ValueError("images must be in user (human) turns")
+    return messages, images
 
 
-def build_example(processor: Any, sample: dict[str, str]) -> dict[str, torch.Tensor]:
-    """input_ids, attention_mask, pixel_values and labels of one sample; labels are -100 except answer + end of turn."""
-    full = processor.apply_chat_template(chat_messages(sample, True), tokenize=True, return_dict=True,
-                                         return_tensors="pt")
-    # The prompt's ids without preprocessing the image a second time: the processor expands each marker into
-    # image_seq_length placeholder tokens before tokenising, and so does this.
-    prompt = processor.apply_chat_template(chat_messages(sample, False), add_generation_prompt=True)
-    marker = processor.image_token
-    prompt_ids = torch.tensor(processor.tokenizer(prompt.replace(marker, marker * processor.image_seq_length))["input_ids"])
-    input_ids = full["input_ids"][0]
-    start = len(prompt_ids)
-    # The rendered answer must extend the rendered prompt token for token, or the mask would be off.
-    if len(input_ids) <= start or not torch.equal(input_ids[:start], prompt_ids):
-        raise ValueError("the chat template's prompt is not a token prefix of prompt + answer; cannot mask labels")
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    end = len(input_ids)
-    # Train the answer and the first special token after it (the end of turn: <|eot_id|>, <|end|>), not what follows.
-    special = set(processor.tokenizer.all_special_ids)
-    for position in range(start, len(input_ids)):
-        if input_ids[position].item() in special:
-            end = position + 1
-            break
-    labels[start:end] = input_ids[start:end]
-    return {"input_ids": input_ids, "attention_mask": full["attention_mask"][0], "pixel_values": full["pixel_values"],
-            "labels": labels}
+def _blocks(content: Any, role: str) -> list[dict[str, Any]]:
+    """A turn's content as blocks; a `<image>` marker in text becomes an image block in front of the text (as the
+    original's LLaVA preprocessing moves it)."""
+    if isinstance(content, list):
+        if not all(isinstance(b, dict) and b.get("type") in ("image", "text") for b in content):
+            raise ValueError(f"a {role} turn's content blocks must be {{'type': 'image'}} or {{'type': 'text', ...}}")
+        return [{"type": "image"} if b["type"] == "image" else {"type": "text", "text": str(b.get("text", ""))}
+                for b in content]
+    if not isinstance(content, str) or not content.replace("<image>", "").strip():
+        raise ValueError(f"a {role} turn is empty or not text")
+    markers = content.count("<image>")
+    text = content.replace("<image>", "").strip()
+    return [{"type": "image"} for _ in range(markers)] + [{"type": "text", "text": text}]
+
+
+def _image_path(image: str, data_file: Path) -> str:
+    """A URL as it is; a path made absolute against the data file, which must exist."""
+    if image.startswith(("http://", "https://")):
+        return image
+    path = data_file.parent / image if not Path(image).is_absolute() else Path(image)
+    if not path.is_file():
+        raise ValueError(f"no image file at {path}")
+    return str(path)
+
+
+def chat_messages(sample: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sample's messages with its images in their image blocks, in order."""
+    images = iter(sample["images"])
+    return [{"role": m["role"], "content": [{"type": "image", "image": next(images)} if b["type"] == "image" else b
+                                            for b in m["content"]]} for m in sample["messages"]]
+
+
+def build_example(processor: Any, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, labels (and pixel_values when the sample has images) of one sample: every answer
+    and its end-of-turn token trained, everything else -100, as the chat template's {% generation %} blocks mark."""
+    out = processor.apply_chat_template(chat_messages(sample), tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True, return_tensors="pt")
+    input_ids = out["input_ids"][0]
+    mask = torch.as_tensor(out["assistant_masks"])[0].bool()
+    if not mask.any():
+        raise ValueError("the chat template marks no answer tokens: it lacks {% generation %} blocks")
+    example = {"input_ids": input_ids, "attention_mask": out["attention_mask"][0],
+               "labels": input_ids.masked_fill(~mask, IGNORE_INDEX)}
+    if "pixel_values" in out:
+        example["pixel_values"] = out["pixel_values"]
+    return example
 
 
 class ChatDataset(torch.utils.data.Dataset):
@@ -118,19 +163,23 @@ class ChatDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Right-pads a batch (pad id, attention 0, label -100) and concatenates the images."""
+    """Right-pads a batch (pad id, attention 0, label -100) and concatenates the images of those samples that have
+    them, in order (the model matches them to the placeholders row by row)."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
     def __call__(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         pad = torch.nn.utils.rnn.pad_sequence
-        return {
+        collated = {
             "input_ids": pad([b["input_ids"] for b in batch], batch_first=True, padding_value=self.pad_token_id),
             "attention_mask": pad([b["attention_mask"] for b in batch], batch_first=True, padding_value=0),
             "labels": pad([b["labels"] for b in batch], batch_first=True, padding_value=IGNORE_INDEX),
-            "pixel_values": torch.cat([b["pixel_values"] for b in batch]),
         }
+        images = [b["pixel_values"] for b in batch if "pixel_values" in b]  # text-only samples have none
+        if images:
+            collated["pixel_values"] = torch.cat(images)
+        return collated
 
 
 def pad_token_id(processor: Any, model: Any) -> int:
@@ -246,7 +295,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command-line arguments, with paths resolved against the caller's directory and the output folder checked."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="converted Florence-VL folder or Hub id (default: the embedded tiny model)")
-    parser.add_argument("--data", type=Path, required=True, help="JSON or JSONL of {image, question, answer}")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="JSON or JSONL: {image, question, answer}, LLaVA conversations, or messages + images")
     parser.add_argument("--output-dir", type=Path, required=True, help="must be new or empty unless --overwrite")
     parser.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty --output-dir")
     parser.add_argument("--stage", type=int, choices=(1, 2), default=2, help="1: train all; 2: freeze Florence-2")

@@ -42,7 +42,7 @@ def test_json_list_and_jsonl_give_the_same_samples(data_file, tmp_path):
     listed = data_file.parent / "samples.json"
     listed.write_text(json.dumps(SAMPLES))
     assert finetune.load_samples(listed) == finetune.load_samples(data_file)
-    assert [s["image"] for s in finetune.load_samples(listed)] == [str(data_file.parent / s["image"]) for s in SAMPLES]
+    assert [s["images"] for s in finetune.load_samples(listed)] == [[str(data_file.parent / s["image"])] for s in SAMPLES]
 
 
 def batch_of(processor, data_file: Path) -> dict[str, torch.Tensor]:
@@ -79,21 +79,71 @@ def test_labels_are_the_answer_and_end_of_turn_only(tiny_repo_factory, data_file
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(tiny_repo_factory(llm)), trust_remote_code=True)
-    sample = finetune.load_samples(data_file)[0]
-    example = finetune.build_example(processor, sample)
+    example = finetune.build_example(processor, finetune.load_samples(data_file)[0])
     ids, labels = example["input_ids"], example["labels"]
     trained = labels != finetune.IGNORE_INDEX
-    # One contiguous span, at the same positions as the ids, decoding to exactly answer + end of turn.
+    # One contiguous span, at the same positions as the ids, decoding to exactly answer + end of turn, at the end.
     positions = trained.nonzero().flatten().tolist()
     assert positions == list(range(positions[0], positions[-1] + 1))
     assert torch.equal(labels[trained], ids[trained])
-    assert processor.tokenizer.decode(labels[trained]) == sample["answer"] + end_of_turn
-    # Everything before the span is the rendered prompt (system, user turn, image, assistant header).
-    rendered = processor.apply_chat_template(finetune.chat_messages(sample, True))
-    prompt = processor.apply_chat_template(finetune.chat_messages(sample, False), add_generation_prompt=True)
-    assert rendered.startswith(prompt) and rendered[len(prompt):].startswith(sample["answer"] + end_of_turn)
+    assert processor.tokenizer.decode(labels[trained]) == SAMPLES[0]["answer"] + end_of_turn
     assert (ids[: positions[0]] == processor.image_token_id).sum().item() == processor.image_seq_length
     assert example["pixel_values"].shape[0] == 1
+
+
+LLAVA = [
+    {"id": "multi-turn", "image": "shapes_640x480.png", "conversations": [
+        {"from": "human", "value": "Describe the image.\n<image>"},  # the marker anywhere: moved in front
+        {"from": "gpt", "value": "Coloured shapes."},
+        {"from": "human", "value": "How many?"},
+        {"from": "gpt", "value": "Several."}]},
+    {"id": "text-only", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]},
+]
+MESSAGES = [  # the same two samples in Hugging Face datasets' layout (string contents, images before the first text)
+    {"images": ["shapes_640x480.png"], "messages": [
+        {"role": "user", "content": "Describe the image."}, {"role": "assistant", "content": "Coloured shapes."},
+        {"role": "user", "content": "How many?"}, {"role": "assistant", "content": "Several."}]},
+    {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]},
+]
+
+
+def write_json(folder: Path, name: str, rows: list[dict]) -> Path:
+    (folder / "shapes_640x480.png").write_bytes((FIXTURE / "shapes_640x480.png").read_bytes())
+    path = folder / name
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_llava_conversations_train_every_answer_and_mix_text_only_samples(tiny_repo_factory, tmp_path):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(tiny_repo_factory("llama")), trust_remote_code=True)
+    samples = finetune.load_samples(write_json(tmp_path, "llava.json", LLAVA))
+    assert samples[0]["messages"][0]["content"] == [{"type": "image"}, {"type": "text", "text": "Describe the image."}]
+    assert samples[1]["images"] == []
+    examples = [finetune.build_example(processor, sample) for sample in samples]
+    decode = processor.tokenizer.decode
+    for example, answers in zip(examples, (["Coloured shapes.", "Several."], ["Hi."])):
+        trained = example["labels"] != finetune.IGNORE_INDEX
+        assert decode(example["labels"][trained]) == "".join(a + "<|eot_id|>" for a in answers)
+        # The questions (and everything else) are not trained.
+        assert "How many?" not in decode(example["labels"][trained]) and "Say hi." not in decode(example["labels"][trained])
+    assert "pixel_values" not in examples[1]
+    batch = finetune.Collator(processor.tokenizer.pad_token_id)(examples)
+    assert batch["pixel_values"].shape[0] == 1  # the text-only sample brings no image, and none leaks into it
+    # The Hugging Face messages layout of the same samples gives the same training examples.
+    same = [finetune.build_example(processor, sample)
+            for sample in finetune.load_samples(write_json(tmp_path, "messages.json", MESSAGES))]
+    for a, b in zip(examples, same):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_llava_data_trains_end_to_end(tiny_repo_factory, tmp_path):
+    folder = tiny_repo_factory("llama")
+    data = write_json(tmp_path, "llava.json", LLAVA)
+    trainer = run_training(folder, data, tmp_path / "out", "--stage", "2", "--batch-size", "2", "--max-steps", "3")
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and losses[-1] < losses[0]
 
 
 def test_stage1_trains_everything_and_lowers_the_loss(tiny_repo_factory, data_file, tmp_path):
@@ -160,8 +210,9 @@ def test_stage2_freezes_the_tower_and_checkpoint_reloads(tiny_repo_factory, data
     assert eval_loss(reloaded, batch) == eval_loss(model, batch)
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, model(**batch).logits)
-    assert reloaded_processor.apply_chat_template(finetune.chat_messages(SAMPLES[0], False)) == \
-        processor.apply_chat_template(finetune.chat_messages(SAMPLES[0], False))
+    sample = finetune.load_samples(data_file)[0]
+    assert reloaded_processor.apply_chat_template(finetune.chat_messages(sample)) == \
+        processor.apply_chat_template(finetune.chat_messages(sample))
 
 
 def test_lora_reaches_phi3s_fused_qkv_proj(tiny_repo_factory, data_file, tmp_path):

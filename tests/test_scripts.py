@@ -150,8 +150,13 @@ def test_finetune_bad_data_fails_before_loading_the_model(tiny_repo_factory, els
 
 
 @pytest.mark.parametrize("rows,fragment", [
-    ([{"image": "a.png", "question": "q"}], "lacks ['answer']"),
-    ([{"image": "a.png", "question": "", "answer": "a"}], "non-empty strings"),
+    ([{"image": "a.png", "question": "q"}], "none of conversations, messages, or question and answer"),
+    ([{"image": "a.png", "question": "", "answer": "a"}], "a user turn is empty"),
+    ([{"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nq"}]}], "the last turn must be an answer"),
+    ([{"conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}],
+     "1 image markers (<image> / image blocks) but 0 images"),
+    ([{"image": "a.png", "conversations": [{"from": "robot", "value": "q"}, {"from": "gpt", "value": "a"}]}],
+     "roles must be"),
     ([], "no samples"),
 ])
 def test_finetune_data_errors_name_the_problem(elsewhere, rows, fragment):
@@ -205,6 +210,6 @@ def test_finetune_dataset_renders_lazily():
             calls.append(1)
             raise AssertionError("rendered up front")
 
-    samples = [{"image": "x.png", "question": "q", "answer": "a"}] * 10_000
+    samples = [{"messages": [], "images": ["x.png"]}] * 10_000
     dataset = finetune.ChatDataset(CountingProcessor(), samples)
     assert len(dataset) == 10_000 and calls == []
