@@ -14,10 +14,10 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from cli_common import (DEFAULT_MAX_NEW_TOKENS, add_runtime_args, quiet_libraries, resolve_device, resolve_dtype,
-                        resolve_image, resolve_model, run)
+from cli_common import (DEFAULT_MAX_NEW_TOKENS, add_runtime_args, positive_int, quiet_libraries, resolve_device,
+                        resolve_dtype, resolve_image, resolve_model, run)
 
 
 ROOT = Path(__file__).resolve().parent
@@ -41,9 +41,10 @@ def materialise_embedded_model(folder: Path, seed: int = 0, random_weights: bool
     return folder
 
 
-def answer(model: str, image: str, question: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+def answer(model: str, image: Any, question: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
            device: Optional[str] = None, dtype: str = "auto") -> str:
-    """The model's answer to `question` about `image` (a path or URL), through the image-text-to-text pipeline."""
+    """The model's answer to `question` about `image` (a PIL image, path or URL), through the image-text-to-text
+    pipeline."""
     from transformers import pipeline
 
     device = resolve_device(device)
@@ -61,7 +62,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--image", default=str(ROOT / "assets" / "example.png"), help="image path or URL")
     parser.add_argument("--question", default="What colour is the shape?")
     parser.add_argument("--model", help="converted Florence-VL folder or Hub id (default: the embedded tiny model)")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS)
     add_runtime_args(parser)
     args = parser.parse_args(argv)
     if not args.question.strip():

@@ -11,7 +11,7 @@ import sys
 import types
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parent
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -80,14 +80,38 @@ def resolve_model(model: str) -> str:
     return model
 
 
-def resolve_image(image: str) -> str:
-    """A URL unchanged, or an existing image file made absolute (relative to the caller's directory)."""
+def resolve_image(image: str) -> Any:
+    """The image, read now (before any model loads) as an RGB PIL image: a URL fetched, or a file relative to the
+    caller's directory; a missing, unreachable or non-image source is a UsageError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
     if image.startswith(("http://", "https://")):
-        return image
+        from transformers.image_utils import load_image
+
+        try:
+            return load_image(image, timeout=10).convert("RGB")
+        except Exception as error:  # httpx/requests errors, HTTP status errors, or bytes that are not an image
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UsageError(f"--image {image}: could not fetch an image there ({reason})") from None
     path = user_path(image)
     if not path.is_file():
         raise UsageError(f"--image {image}: no such file ({path})")
-    return str(path)
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise UsageError(f"--image {image}: not an image file ({error})") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (for --max-new-tokens)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def prepare_output_dir(path: Path, overwrite: bool) -> Path:

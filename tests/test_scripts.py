@@ -62,6 +62,40 @@ def test_ask_missing_image_is_one_error_line(elsewhere):
     assert_one_error_line(result, "--image photo.png", str(elsewhere / "photo.png"))
 
 
+@pytest.fixture(scope="module")
+def text_server(tmp_path_factory):
+    """A loopback HTTP server whose only file is text, not an image."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path_factory.mktemp("served")
+    (folder / "notes.png").write_text("this is text, not a PNG")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("case", ["unreachable_url", "not_an_image_url", "text_file", "zero_tokens", "negative_tokens"])
+def test_ask_expected_mistakes_are_one_error_line_before_the_model_loads(elsewhere, text_server, case):
+    (elsewhere / "notes.txt").write_text("not an image")
+    url_without_server = "http://127.0.0.1:9/photo.png"  # port 9 (discard): nothing listens on loopback there
+    args, fragments = {
+        "unreachable_url": (["--image", url_without_server], [url_without_server, "could not fetch"]),
+        "not_an_image_url": (["--image", f"{text_server}/notes.png"], ["could not fetch an image"]),
+        "text_file": (["--image", "notes.txt"], ["--image notes.txt", "not an image file"]),
+        "zero_tokens": (["--max-new-tokens", "0"], ["--max-new-tokens", "at least 1"]),
+        "negative_tokens": (["--max-new-tokens", "-5"], ["--max-new-tokens", "at least 1"]),
+    }[case]
+    started = time.monotonic()
+    result = run_script(SCRIPTS["ask"], *args, cwd=elsewhere)
+    assert_one_error_line(result, *fragments)
+    assert time.monotonic() - started < 30  # refused before loading anything (no model, no retries)
+
+
 def test_ask_relative_model_folder_from_another_directory(tiny_repo_factory, elsewhere):
     folder = tiny_repo_factory("llama")
     relative = os.path.relpath(folder, elsewhere)
