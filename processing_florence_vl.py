@@ -5,8 +5,7 @@ template both BOS of the release's ids) and the saved tokenizer adds none itself
 so), so every client gets the release's ids however it tokenizes the rendered chat.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: transformers' processor tests read `Unpack[...]` off __call__'s signature.
 import os
 from typing import Any, Optional, Union
 
