@@ -244,8 +244,9 @@ def test_sigterm_stops_the_server_and_removes_its_temporary_files(server):
 
 
 def test_ctrl_c_stops_the_server_and_removes_its_temporary_files(folder, tmp_path):
-    """Ctrl-C (SIGINT) stops the server like SIGTERM (Gradio's launch catches it and closes the server: exit status 0)
-    and the scratch folder goes with it."""
+    """Ctrl-C (SIGINT) stops the server like SIGTERM and the scratch folder goes with it. Who sees the interrupt depends
+    on where the main thread is: Gradio's launch loop (it closes the server, exit status 0) or app.py's own handler
+    (one "interrupted" line, exit status 130, the shell's convention); both are clean stops."""
     port, tmpdir = free_port(), tmp_path / "tmp"
     tmpdir.mkdir()
     log = tmp_path / "server.log"
@@ -258,7 +259,7 @@ def test_ctrl_c_stops_the_server_and_removes_its_temporary_files(folder, tmp_pat
         wait_for_server(f"http://127.0.0.1:{port}/", process, log)
         assert list(tmpdir.iterdir()), "the running server keeps its scratch folder under TMPDIR"
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 0, log.read_text()[-3000:]
+        assert process.wait(timeout=30) in (0, 130), log.read_text()[-3000:]
     finally:
         if process.poll() is None:
             process.kill()
