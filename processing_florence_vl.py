@@ -126,8 +126,9 @@ class FlorenceVLProcessor(ProcessorMixin):
             raise ValueError("Pass images, text, or both.")
         merged = self._merge_kwargs(FlorenceVLProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         text_kwargs, image_kwargs = merged["text_kwargs"], merged["images_kwargs"]
-        return_tensors = text_kwargs.pop("return_tensors", None) or image_kwargs.pop("return_tensors", None)
-        image_kwargs.pop("return_tensors", None)
+        # A common kwarg: _merge_kwargs puts it in both; the tensors are built once, at the end.
+        return_tensors = image_kwargs.pop("return_tensors", None)
+        return_tensors = text_kwargs.pop("return_tensors", None) or return_tensors
         return_mm_token_type_ids, return_offsets = output_flags(merged, kwargs)
 
         per_sample = self._images_per_sample(images)
