@@ -98,7 +98,7 @@ class FlorenceVLConfig(PretrainedConfig):
 
     Args:
         vision_config: the Florence-2 DaViT tower and its image projection (depth features).
-        encoder_config: the Florence-2 BART text encoder that computes the breadth features (no decoder).
+        breadth_encoder_config: the Florence-2 BART text encoder that computes the breadth features (no decoder).
         text_config: the language model; any `model_type` that `AutoConfig` knows (Llama-3, Phi-3, ...). Default:
             the 8B release's Llama-3.1-8B.
         florence_prompts: task name -> {"text", "input_ids"}: the Florence-2 prompts run over each image.
@@ -117,7 +117,9 @@ class FlorenceVLConfig(PretrainedConfig):
     """
 
     model_type = "florence_vl"
-    sub_configs = {"vision_config": Florence2VisionConfig, "encoder_config": BartConfig, "text_config": AutoConfig}
+    sub_configs = {
+        "vision_config": Florence2VisionConfig, "breadth_encoder_config": BartConfig, "text_config": AutoConfig,
+    }
     # Tensor parallelism (vLLM, transformers' tp_plan). The LLM adds its own plan under `language_model.`. The breadth
     # encoder is split by heads like the LLM: vLLM merges its k/v projections into one column-parallel layer whatever
     # the plan says, so q and out_proj must be sharded to match (replicated, they broke TP=2). The DaViT stays replicated.
@@ -133,7 +135,7 @@ class FlorenceVLConfig(PretrainedConfig):
     def __init__(
         self,
         vision_config: Optional[Union[dict, Florence2VisionConfig]] = None,
-        encoder_config: Optional[Union[dict, BartConfig]] = None,
+        breadth_encoder_config: Optional[Union[dict, BartConfig]] = None,
         text_config: Optional[Union[dict, PretrainedConfig]] = None,
         florence_prompts: Optional[dict[str, dict[str, Any]]] = None,
         fused_features: Optional[list[str]] = None,
@@ -150,10 +152,15 @@ class FlorenceVLConfig(PretrainedConfig):
             vision_config = dict(FLORENCE2_LARGE_VISION)
         if isinstance(vision_config, dict):
             vision_config = Florence2VisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
-        if encoder_config is None:
-            encoder_config = dict(FLORENCE2_LARGE_ENCODER)
-        if isinstance(encoder_config, dict):
-            encoder_config = BartConfig(**{k: v for k, v in encoder_config.items() if k != "model_type"})
+        # Folders written before the rename call it `encoder_config`; transformers' generation tests take a top-level
+        # attribute named `encoder*` for an encoder-decoder model, hence the new name.
+        legacy_encoder_config = kwargs.pop("encoder_config", None)
+        if breadth_encoder_config is None:
+            breadth_encoder_config = legacy_encoder_config or dict(FLORENCE2_LARGE_ENCODER)
+        if isinstance(breadth_encoder_config, dict):
+            breadth_encoder_config = BartConfig(
+                **{k: v for k, v in breadth_encoder_config.items() if k != "model_type"}
+            )
         if text_config is None:
             text_config = dict(LLAMA31_8B_TEXT)
         if isinstance(text_config, dict):
@@ -161,7 +168,7 @@ class FlorenceVLConfig(PretrainedConfig):
             text_config = AutoConfig.for_model(text_config.pop("model_type", "llama"), **text_config)
 
         self.vision_config = vision_config
-        self.encoder_config = encoder_config
+        self.breadth_encoder_config = breadth_encoder_config
         self.text_config = text_config
         self.florence_prompts = {k: dict(v) for k, v in (florence_prompts or DEFAULT_FLORENCE_PROMPTS).items()}
         self.fused_features = list(fused_features or [DEPTH_FEATURE, *self.florence_prompts])
@@ -190,10 +197,11 @@ class FlorenceVLConfig(PretrainedConfig):
             raise ValueError(f"fused_features must be non-empty and without repeats, got {self.fused_features}")
         for task, prompt in self.florence_prompts.items():
             ids = prompt.get("input_ids")
-            if not ids or not all(isinstance(i, int) and 0 <= i < self.encoder_config.vocab_size for i in ids):
+            encoder_vocab = self.breadth_encoder_config.vocab_size
+            if not ids or not all(isinstance(i, int) and 0 <= i < encoder_vocab for i in ids):
                 raise ValueError(
                     f"florence_prompts[{task!r}]['input_ids'] must be a non-empty list of BART token ids below "
-                    f"{self.encoder_config.vocab_size}, got {ids}"
+                    f"{encoder_vocab}, got {ids}"
                 )
         vocab_size = self.text_config.vocab_size
         if not isinstance(self.image_token_id, int) or not 0 <= self.image_token_id < vocab_size:

@@ -480,7 +480,7 @@ def build_config(release: dict[str, Any], vision: dict[str, Any], encoder: dict[
     try:
         config = FlorenceVLConfig(
             vision_config=vision,
-            encoder_config=encoder,
+            breadth_encoder_config=encoder,
             text_config=text_config_from_release(release),
             projector_depth=projector_depth(release),
             image_token_id=image_token_id,

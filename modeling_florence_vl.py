@@ -102,7 +102,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         self._keep_full_precision(prefix="")
         self.vision_tower = Florence2VisionBackbone(config.vision_config)
         self.vision_projector = Florence2MultiModalProjector(config)
-        self.breadth_encoder = BartEncoder(config.encoder_config)
+        self.breadth_encoder = BartEncoder(config.breadth_encoder_config)
         self.dbfusion_projector = FlorenceVLDBFusionProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
@@ -145,7 +145,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         ).flatten(0, 1)
         attention_mask = None
         if not self.config.attend_prompt_padding:
-            prompt_mask = (prompt_ids != self.config.encoder_config.pad_token_id).long()
+            prompt_mask = (prompt_ids != self.config.breadth_encoder_config.pad_token_id).long()
             image_mask = prompt_mask.new_ones(len(tasks), num_tokens)
             attention_mask = torch.cat([image_mask, prompt_mask], dim=1).repeat(num_images, 1)
         encoded = self.breadth_encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
@@ -237,7 +237,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         """The prompts' BART ids as one (prompts, length) tensor; shorter prompts right-padded with the pad id."""
         ids = [self.config.florence_prompts[task]["input_ids"] for task in tasks]
         length = max(map(len, ids))
-        pad = self.config.encoder_config.pad_token_id
+        pad = self.config.breadth_encoder_config.pad_token_id
         return torch.tensor([row + [pad] * (length - len(row)) for row in ids], device=device)
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:

@@ -69,6 +69,8 @@ BASE = dict(
               num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1000000.0,
               rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=0, eos_token_id=2, pad_token_id=1),
 )
+# "mid": the base size with an 8-layer LLM (0.26B), where the LLM and the image side cost about the same on a CPU.
+MID = dict(BASE, text=dict(BASE["text"], num_hidden_layers=8))
 REAL_TEXT = {
     "8b": dict(LLAMA31_8B_TEXT),  # the config default: the 8B release's Llama-3.1
     "3b": dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
@@ -77,7 +79,7 @@ REAL_TEXT = {
                rope_scaling={"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [1.5] * 48},
                rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=32000, pad_token_id=32000),
 }
-SIZES = ("tiny", "base", "3b", "8b")
+SIZES = ("tiny", "mid", "base", "3b", "8b")
 RATIOS = ("breadth", "decode", "static", "load", "convert")
 
 
@@ -86,8 +88,8 @@ def build_config(size: str) -> FlorenceVLConfig:
     if size in REAL_TEXT:
         text = dict(REAL_TEXT[size])
         return FlorenceVLConfig(text_config=text, image_token_id=RELEASE_IMAGE_TOKEN_IDS[text["model_type"]])
-    dims = {"tiny": TINY, "base": BASE}[size]
-    return FlorenceVLConfig(vision_config=dict(dims["vision"]), encoder_config=dict(dims["encoder"]),
+    dims = {"tiny": TINY, "mid": MID, "base": BASE}[size]
+    return FlorenceVLConfig(vision_config=dict(dims["vision"]), breadth_encoder_config=dict(dims["encoder"]),
                             text_config=dict(dims["text"]), image_token_id=5)  # any id inside the table
 
 
@@ -261,7 +263,7 @@ def print_table(rows: list[dict], device: torch.device) -> None:
 def breadth_loop(model, depth: torch.Tensor) -> dict[str, torch.Tensor]:
     """The straightforward path: one encoder pass per image and per prompt, [V ; prompt] each time."""
     inner, config = model.model, model.config
-    pad = config.encoder_config.pad_token_id
+    pad = config.breadth_encoder_config.pad_token_id
     out: dict[str, list[torch.Tensor]] = {task: [] for task in config.breadth_prompts}
     for image in depth:
         for task in config.breadth_prompts:
@@ -279,7 +281,7 @@ def breadth_loop(model, depth: torch.Tensor) -> dict[str, torch.Tensor]:
 def encoder_flops(model, sequences: int) -> float:
     """Multiply-add FLOPs of one breadth encoder pass over `sequences` x [V ; prompt] (projections, FFN, attention)."""
     config = model.config
-    enc = config.encoder_config
+    enc = config.breadth_encoder_config
     length = config.image_seq_length + max(len(p["input_ids"]) for p in config.florence_prompts.values())
     d, ffn = enc.d_model, enc.encoder_ffn_dim
     per_layer = 2 * length * d * d * 4 + 2 * length * d * ffn * 2 + 2 * 2 * length * length * d
@@ -419,7 +421,7 @@ def ratio_load(model, workdir: Path, repeats: int) -> dict:
     ours, llm_dir, florence_dir = workdir / "florence_vl", workdir / "llm", workdir / "florence2"
     model.save_pretrained(ours)
     bare_llm(model).save_pretrained(llm_dir)
-    encoder = model.config.encoder_config.to_dict()
+    encoder = model.config.breadth_encoder_config.to_dict()
     encoder["decoder_layers"] = encoder["encoder_layers"]  # the native model has Florence-2's decoder too
     encoder["decoder_attention_heads"] = encoder["encoder_attention_heads"]
     encoder["decoder_ffn_dim"] = encoder["encoder_ffn_dim"]

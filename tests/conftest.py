@@ -90,7 +90,7 @@ def tiny_config(llm: str = "llama", **overrides) -> FlorenceVLConfig:
     """A Florence-VL config with the fixture's tiny dimensions and the given LLM family."""
     return FlorenceVLConfig(
         vision_config=dict(TINY_VISION),
-        encoder_config=dict(TINY_ENCODER),
+        breadth_encoder_config=dict(TINY_ENCODER),
         text_config=dict(TINY_TEXT[llm]),
         image_token_id=TINY_IMAGE_TOKEN_IDS[llm],
         **overrides,

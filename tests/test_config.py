@@ -41,8 +41,8 @@ def test_defaults_are_the_release_settings():
     assert config.image_token_id == 128002 < config.text_config.vocab_size
     assert config.vision_config.embed_dim == [256, 512, 1024, 2048]
     assert config.vision_config.projection_dim == 1024
-    assert (config.encoder_config.d_model, config.encoder_config.encoder_layers) == (1024, 12)
-    assert config.encoder_config.vocab_size == 51289
+    assert (config.breadth_encoder_config.d_model, config.breadth_encoder_config.encoder_layers) == (1024, 12)
+    assert config.breadth_encoder_config.vocab_size == 51289
 
 
 def test_saved_config_carries_auto_map_for_every_auto_class(tmp_path):
@@ -71,7 +71,7 @@ def test_round_trip_keeps_every_field(tmp_path, llm):
     assert reloaded.projector_hidden_act == "relu"
     assert reloaded.image_token_id == config.image_token_id
     assert reloaded.vision_config.to_dict() == config.vision_config.to_dict()
-    assert reloaded.encoder_config.to_dict() == config.encoder_config.to_dict()
+    assert reloaded.breadth_encoder_config.to_dict() == config.breadth_encoder_config.to_dict()
     assert reloaded.text_config.model_type == TINY_TEXT[llm]["model_type"]
     assert reloaded.text_config.hidden_size == TINY_TEXT[llm]["hidden_size"]
     assert reloaded.text_config.rms_norm_eps == config.text_config.rms_norm_eps
@@ -114,3 +114,25 @@ def test_phi35_longrope_survives_save(tmp_path):
 def test_invalid_dbfusion_settings_name_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**kwargs)
+
+
+def test_folders_saved_before_the_rename_load(tmp_path):
+    """`encoder_config` was the breadth encoder's key before it became `breadth_encoder_config`."""
+    config = tiny_config()
+    config.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["encoder_config"] = data.pop("breadth_encoder_config")
+    data["encoder_config"]["encoder_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    reloaded = FlorenceVLConfig.from_pretrained(tmp_path)
+    assert reloaded.breadth_encoder_config.encoder_layers == 3
+    assert "encoder_config" not in reloaded.to_dict()
+
+
+def test_no_top_level_attribute_reads_as_an_encoder_decoder_model():
+    """transformers' generation tests treat a config with a top-level `encoder*` attribute as encoder-decoder and skip
+    the left-padding and inputs_embeds tests."""
+    from transformers import PretrainedConfig
+
+    base = PretrainedConfig().to_dict()  # 4.57's base config has `encoder_no_repeat_ngram_size`: not our side
+    assert not [name for name in tiny_config().to_dict() if name.startswith("encoder") and name not in base]

@@ -68,7 +68,7 @@ class FlorenceVLModelTester:
             patch_stride=[4, 2], patch_padding=[0, 1], patch_prenorm=[False, True], window_size=2,
             projection_dim=16, drop_path_rate=0.0,
         )
-        self.encoder_config = dict(
+        self.breadth_encoder_config = dict(
             vocab_size=99, d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
             decoder_layers=0, max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
         )
@@ -89,7 +89,7 @@ class FlorenceVLModelTester:
     def get_config(self) -> FlorenceVLConfig:
         return FlorenceVLConfig(
             vision_config=self.vision_config,
-            encoder_config=self.encoder_config,
+            breadth_encoder_config=self.breadth_encoder_config,
             text_config=self.text_config,
             florence_prompts=self.prompts,
             image_token_id=self.image_token_id,

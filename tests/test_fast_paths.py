@@ -48,7 +48,7 @@ def prompt(model, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def with_llm_attention(model, attention: str) -> FlorenceVLForConditionalGeneration:
     """A copy of `model` whose LLM alone runs `attention` (tower and breadth encoder stay on sdpa), same weights."""
-    backends = {"": "sdpa", "vision_config": "sdpa", "encoder_config": "sdpa", "text_config": attention}
+    backends = {"": "sdpa", "vision_config": "sdpa", "breadth_encoder_config": "sdpa", "text_config": attention}
     copied = type(model)._from_config(copy.deepcopy(model.config), attn_implementation=backends).eval()
     copied.load_state_dict(model.state_dict())
     copied.generation_config.pad_token_id = model.generation_config.pad_token_id

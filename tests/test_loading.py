@@ -135,7 +135,7 @@ def test_folder_saved_here_loads_under_the_other_version(tmp_path):
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
     text = dict(TINY_TEXT["llama"], rope_scaling={**rope, "original_max_position_embeddings": 64})
     config = FlorenceVLConfig(
-        vision_config=TINY_VISION, encoder_config=TINY_ENCODER, text_config=text, image_token_id=5
+        vision_config=TINY_VISION, breadth_encoder_config=TINY_ENCODER, text_config=text, image_token_id=5
     )
     torch.manual_seed(0)
     model = FlorenceVLForConditionalGeneration(config).eval()

@@ -207,7 +207,7 @@ def test_tied_word_embeddings_follow_the_text_config(tmp_path):
 
     config = FlorenceVLConfig(
         vision_config=TINY_VISION,
-        encoder_config=TINY_ENCODER,
+        breadth_encoder_config=TINY_ENCODER,
         text_config=dict(TINY_TEXT["llama"], tie_word_embeddings=True),
         image_token_id=5,
     )
