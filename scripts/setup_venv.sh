@@ -4,8 +4,7 @@
 # usage: scripts/setup_venv.sh [VENV_DIR [TRANSFORMERS_VERSION [REQUIREMENTS_FILE...]]]
 #   defaults: .venv, 5.23.0, requirements.txt + requirements-app.txt: the one environment for every script
 #   (ask.py, app.py, convert_checkpoint.py, finetune.py, train_embedded_model.py, benchmarks/)
-# CPU-only machine: TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu scripts/setup_venv.sh ...  (torch's CPU build,
-# about 200 MB instead of several GB of CUDA libraries from the default index on Linux)
+# Which torch build (CPU on Linux without an NVIDIA GPU, TORCH_INDEX_URL to choose): scripts/choose_torch.sh.
 set -euo pipefail
 venv=${1:-.venv} version=${2:-5.23.0}
 shift $(( $# < 2 ? $# : 2 ))
@@ -21,10 +20,13 @@ fi
 pip_install() { "$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar on "$@"; }
 echo "Setting up the virtualenv $venv (first run only; a few minutes)"
 python3 -m venv "$venv"
-torch_index=()
-if [ -n "${TORCH_INDEX_URL:-}" ]; then torch_index=(--index-url "$TORCH_INDEX_URL"); fi
-echo "[1/2] torch 2.13.0 ${TORCH_INDEX_URL:+from $TORCH_INDEX_URL}(set TORCH_INDEX_URL for the CPU-only build: see README)"
-pip_install "${torch_index[@]}" "torch==2.13.0"
+echo -n "[1/2] "
+mapfile -t torch_args < <(scripts/choose_torch.sh)
+if ! pip_install "${torch_args[@]}"; then
+  [ "${torch_args[-1]}" = "torch==2.13.0+cpu" ] || exit 1
+  echo "Your pip settings have no torch 2.13.0+cpu: installing torch 2.13.0 from them instead (it may bundle CUDA)"
+  pip_install "torch==2.13.0"
+fi
 req_args=()
 for file in "${requirements[@]}"; do req_args+=(-r "$file"); done
 echo "[2/2] transformers $version and ${requirements[*]}"

@@ -121,7 +121,8 @@ def test_ask_sh_runs_from_another_directory_with_relative_paths(tmp_path):
     # Nothing but the answer lines on stdout, with the right word.
     assert result.stdout == "Q: What shape is it?\nA: square\n", result.stdout[:500]
     if fresh:  # the first run said what it installs
-        assert "[1/2] torch 2.13.0" in result.stderr and "Virtualenv ready" in result.stderr, result.stderr[-3000:]
+        assert "[1/2] " in result.stderr and "Virtualenv ready" in result.stderr, result.stderr[-3000:]
+        assert re.search(r"torch 2\.13\.0('s CPU build)? from", result.stderr), result.stderr[-3000:]
     # The one environment runs every script: the LoRA, demo and conversion dependencies are there too.
     check = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", "import peft, gradio, accelerate, safetensors"],
                            capture_output=True, text=True, timeout=300)
@@ -163,6 +164,75 @@ def test_answer_length_is_the_same_everywhere():
     assert ask.parse_args([]).max_new_tokens == app.parse_args([]).max_new_tokens == DEFAULT_MAX_NEW_TOKENS == 256
     for page in (ROOT / "README.md", ROOT / "docs" / "usage.md"):
         assert set(re.findall(r"max_new_tokens=(\d+)", page.read_text())) == {"256"}, page
+
+
+@pytest.fixture()
+def no_gpu_path(tmp_path) -> str:
+    """PATH with an `nvidia-smi` that finds no GPU in front (whatever the test machine has)."""
+    stub = tmp_path / "bin" / "nvidia-smi"
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    stub.chmod(0o755)
+    return f"{stub.parent}:{os.environ['PATH']}"
+
+
+def choose_torch(path: str, **env: str) -> tuple[list[str], str, float]:
+    """scripts/choose_torch.sh's pip arguments, its one line, and its seconds."""
+    environment = {key: value for key, value in os.environ.items() if key != "TORCH_INDEX_URL"}
+    started = time.monotonic()
+    result = subprocess.run([str(ROOT / "scripts" / "choose_torch.sh")], env={**environment, "PATH": path, **env},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # says its choice in one line
+    return result.stdout.split(), result.stderr.strip(), time.monotonic() - started
+
+
+def test_first_run_without_gpu_installs_torch_cpu_build_from_the_cpu_index(no_gpu_path, tmp_path):
+    """The CPU index is added to the user's pip settings (never replacing their index)."""
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "index" / "torch").mkdir(parents=True)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "index"))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    index = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        args, line, _ = choose_torch(no_gpu_path, TORCH_CPU_INDEX_URL=index)
+    finally:
+        server.shutdown()
+    assert args == ["--extra-index-url", index, "torch==2.13.0+cpu"]
+    assert line.startswith("No NVIDIA GPU found: installing torch 2.13.0's CPU build"), line
+
+
+@pytest.mark.parametrize("index", ["refused", "silent"])
+def test_first_run_without_gpu_falls_back_to_the_users_pip_settings_within_seconds(no_gpu_path, index):
+    """An index that refuses or never answers costs at most the 5 s probe, not pip's minutes of retries."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    if index == "silent":
+        listener.listen()  # accepts connections, never answers
+    port = listener.getsockname()[1]
+    try:
+        args, line, seconds = choose_torch(no_gpu_path, TORCH_CPU_INDEX_URL=f"http://127.0.0.1:{port}/whl")
+    finally:
+        listener.close()
+    assert args == ["torch==2.13.0+cpu"] and "did not answer" in line, line
+    assert seconds < 15
+
+
+def test_first_run_with_a_gpu_or_a_chosen_index_installs_as_told(tmp_path):
+    stub = tmp_path / "nvidia-smi"
+    stub.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100'\n")
+    stub.chmod(0o755)
+    args, line, _ = choose_torch(f"{tmp_path}:{os.environ['PATH']}")
+    assert args == ["torch==2.13.0"] and "NVIDIA GPU found" in line
+    args, _, _ = choose_torch(os.environ["PATH"], TORCH_INDEX_URL="https://example.invalid/simple")
+    assert args == ["--index-url", "https://example.invalid/simple", "torch==2.13.0"]
 
 
 def write_samples(folder: Path, rows: list[dict]) -> Path:
