@@ -80,27 +80,35 @@ def resolve_model(model: str) -> str:
     return model
 
 
-def resolve_image(image: str) -> Any:
-    """The image, read now (before any model loads) as an RGB PIL image: a URL fetched, or a file relative to the
-    caller's directory; a missing, unreachable or non-image source is a UsageError naming it."""
+def read_image(source: str, path: Optional[Path] = None) -> Any:
+    """An RGB PIL image from a URL (fetched now) or the file at `path` (default: `source`); ValueError says why not."""
     from PIL import Image, UnidentifiedImageError
 
-    if image.startswith(("http://", "https://")):
+    if source.startswith(("http://", "https://")):
         from transformers.image_utils import load_image
 
         try:
-            return load_image(image, timeout=10).convert("RGB")
+            return load_image(source, timeout=10).convert("RGB")
         except Exception as error:  # httpx/requests errors, HTTP status errors, or bytes that are not an image
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UsageError(f"--image {image}: could not fetch an image there ({reason})") from None
-    path = user_path(image)
+            raise ValueError(f"could not fetch an image there ({reason})") from None
+    path = path or Path(source)
     if not path.is_file():
-        raise UsageError(f"--image {image}: no such file ({path})")
+        raise ValueError(f"no such file ({path})")
     try:
         with Image.open(path) as opened:
             return opened.convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
-        raise UsageError(f"--image {image}: not an image file ({error})") from None
+        raise ValueError(f"not an image file ({error})") from None
+
+
+def resolve_image(image: str) -> Any:
+    """The --image argument, read now (before any model loads): a URL, or a file relative to the caller's directory;
+    a missing, unreachable or non-image source is a UsageError naming it."""
+    try:
+        return read_image(image, None if image.startswith(("http://", "https://")) else user_path(image))
+    except ValueError as error:
+        raise UsageError(f"--image {image}: {error}") from None
 
 
 def positive_int(text: str) -> int:

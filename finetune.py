@@ -24,8 +24,8 @@ from typing import Any, Optional
 
 import torch
 
-from cli_common import (UsageError, add_runtime_args, prepare_output_dir, quiet_libraries, resolve_device, resolve_dtype,
-                        resolve_model, run, user_path)
+from cli_common import (UsageError, add_runtime_args, prepare_output_dir, quiet_libraries, read_image, resolve_device,
+                        resolve_dtype, resolve_model, run, user_path)
 
 ROOT = Path(__file__).resolve().parent
 IGNORE_INDEX = -100
@@ -37,7 +37,7 @@ LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|qkv_proj)$"
 
 def load_samples(path: Path) -> list[dict[str, Any]]:
     """The samples of a JSON list or JSONL file as chat `messages` (content blocks) and their `images` (paths made
-    absolute against the file, and checked). Three layouts, mixed freely:
+    absolute against the file and checked; URLs fetched). Three layouts, mixed freely:
     - {"image", "question", "answer"}: one turn;
     - LLaVA's {"image" (optional), "conversations": [{"from": "human"|"gpt", "value"}, ...]}: the `<image>` marker
       anywhere in the first human turn, moved in front of its text as the original's preprocessing does;
@@ -60,7 +60,7 @@ def load_samples(path: Path) -> list[dict[str, Any]]:
     for index, row in enumerate(rows):
         try:
             messages, images = _as_chat(row)
-            samples.append({"messages": messages, "images": [_image_path(image, path) for image in images]})
+            samples.append({"messages": messages, "images": [_image_source(image, path) for image in images]})
         except ValueError as error:
             raise UsageError(f"{path}: sample {index}: {error}") from None
     return samples
@@ -114,13 +114,24 @@ def _blocks(content: Any, role: str) -> list[dict[str, Any]]:
     return [{"type": "image"} for _ in range(markers)] + [{"type": "text", "text": text}]
 
 
-def _image_path(image: str, data_file: Path) -> str:
-    """A URL as it is; a path made absolute against the data file, which must exist."""
+def _image_source(image: str, data_file: Path) -> Any:
+    """A URL fetched now (an unreachable or non-image URL fails before the model loads, not mid-training); a path
+    made absolute against the data file, whose header must be an image's (decoded when the batch needs it)."""
+    from PIL import Image, UnidentifiedImageError
+
     if image.startswith(("http://", "https://")):
-        return image
+        try:
+            return read_image(image)
+        except ValueError as error:
+            raise ValueError(f"image {image}: {error}") from None
     path = data_file.parent / image if not Path(image).is_absolute() else Path(image)
     if not path.is_file():
         raise ValueError(f"no image file at {path}")
+    try:
+        with Image.open(path):
+            pass
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{path} is not an image file ({error})") from None
     return str(path)
 
 

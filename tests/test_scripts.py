@@ -271,6 +271,24 @@ def test_finetune_data_errors_name_the_problem(elsewhere, rows, fragment):
     assert_one_error_line(result, fragment)
 
 
+@pytest.mark.parametrize("case", ["unreachable_url", "not_an_image_url", "text_file"])
+def test_finetune_bad_images_are_one_error_line_before_the_model_loads(elsewhere, text_server, case):
+    (elsewhere / "a.png").write_bytes((ROOT / "assets" / "example.png").read_bytes())
+    (elsewhere / "notes.png").write_text("not an image")
+    image, fragment = {
+        "unreachable_url": ("http://127.0.0.1:9/photo.png", "could not fetch"),
+        "not_an_image_url": (f"{text_server}/notes.png", "could not fetch an image"),
+        "text_file": ("notes.png", "is not an image file"),
+    }[case]
+    write_samples(elsewhere, [{"image": "a.png", "question": "q", "answer": "a"},
+                              {"image": image, "question": "q", "answer": "a"}])
+    started = time.monotonic()
+    result = run_script(SCRIPTS["finetune"], "--data", "data.jsonl", "--output-dir", "out", "--device", "cpu",
+                        cwd=elsewhere)
+    assert_one_error_line(result, "sample 1", fragment)
+    assert time.monotonic() - started < 60 and not (elsewhere / "out").exists()
+
+
 def test_finetune_refuses_to_overwrite_a_non_empty_output_folder(elsewhere):
     (elsewhere / "out").mkdir()
     (elsewhere / "out" / "config.json").write_text("{}")
