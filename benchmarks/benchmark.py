@@ -1,10 +1,11 @@
 """Florence-VL inference benchmark: time to first token by stage, decode speed, peak memory, and measured ratios.
 
-    python benchmarks/benchmark.py --sizes tiny,base --batches 1,4 [--ratios breadth,decode,load,convert]
+    python benchmarks/benchmark.py --sizes tiny,base --batches 1,4 [--ratios breadth,static,load,convert]
 
 Random weights (no download). Sizes: "tiny" (the tests' dimensions), "base" (Florence-2-base tower and encoder with a
-0.5B Llama-style LLM), "3b"/"8b" (the real release shapes, bf16; CUDA only). Every ratio is measured side by side in
-one process, interleaved and repeated; the median is reported. See benchmarks/README.md for the latest results.
+0.5B Llama-style LLM), "mid" (base with an 8-layer LLM), "3b"/"8b" (the real release shapes, bf16; CUDA only). Every
+ratio is measured side by side in one process, interleaved and repeated; the median is reported. Decode, time to first
+token and image features against their parts: benchmarks/overhead.py. Results: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ REAL_TEXT = {
                rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=32000, pad_token_id=32000),
 }
 SIZES = ("tiny", "mid", "base", "3b", "8b")
-RATIOS = ("breadth", "decode", "static", "load", "convert")
+RATIOS = ("breadth", "static", "load", "convert")  # decode and TTFT against their parts: benchmarks/overhead.py
 
 
 def build_config(size: str) -> FlorenceVLConfig:
@@ -316,52 +317,6 @@ def ratio_breadth(model, batch: int, repeats: int) -> dict:
             "ceiling": peak * median(loop) / flops, "max_abs_diff": error, "runs": repeats, "batch": batch}
 
 
-def crop_cache(cache, length: int) -> None:
-    """Cut a DynamicCache back to `length` tokens (a negative `crop` removes tokens in both 4.x and 5.x)."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
-
-
-@torch.no_grad()
-def ratio_decode(model, batch: int, repeats: int, new_tokens: int) -> dict:
-    """Decode step of Florence-VL vs the bare LLM with the same weights and KV-cache length.
-
-    forward: one-token forward on a prefilled cache (cut back after each step), both models interleaved (ABBA).
-    generate: median step time of greedy `generate` after the same image prompt (bare LLM: text of equal length).
-    Each ratio is the median of paired ratios (one step or one `generate` of each model, run back to back).
-    """
-    from transformers import DynamicCache
-
-    device, llm = model.device, bare_llm(model)
-    inputs = sample_inputs(model, batch)
-    text = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, 100)
-    length = text.shape[1]
-    caches = {}
-    for name, net in (("ours", model), ("llm", llm)):
-        caches[name] = DynamicCache()
-        net(input_ids=text, past_key_values=caches[name], use_cache=True)
-    token = torch.full((batch, 1), 200, device=device)
-    step = {"ours": [], "llm": []}
-    for i in range(max(repeats, 30)):
-        order = (("ours", model), ("llm", llm)) if i % 2 == 0 else (("llm", llm), ("ours", model))  # ABBA
-        for name, net in order:
-            step[name].append(timed(lambda: net(input_ids=token, past_key_values=caches[name], use_cache=True),
-                                    device)[0])
-            crop_cache(caches[name], length)
-    gen = {"ours": [], "llm": []}
-    llm_inputs = {"input_ids": text, "attention_mask": inputs["attention_mask"]}
-    for _ in range(max(3, repeats)):
-        gen["ours"].append(median(decode_step_times(model, inputs, new_tokens)[1]))
-        gen["llm"].append(median(decode_step_times(llm, llm_inputs, new_tokens)[1]))
-    # Median of the paired ratios: neighbours in time share the machine's load, so drift cancels.
-    forward = median([a / b for a, b in zip(step["ours"], step["llm"])])
-    generate = median([a / b for a, b in zip(gen["ours"], gen["llm"])])
-    return {"forward_ours": median(step["ours"]), "forward_llm": median(step["llm"]), "forward_ratio": forward,
-            "generate_ours": median(gen["ours"]), "generate_llm": median(gen["llm"]), "generate_ratio": generate,
-            "cache_length": length, "batch": batch}
-
-
 @torch.no_grad()
 def copy_bandwidth(device: torch.device, repeats: int = 5) -> float:
     """Bytes/s of a large on-device copy (read + write): the memory bandwidth a decode step can use."""
@@ -557,8 +512,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help=f"comma-separated from {','.join(RATIOS)} ('' = none)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of the static ratio (the tests use 'eager' to stay fast)")
-    parser.add_argument("--ratio-size", default="base", help="model size the breadth/decode/load ratios use")
-    parser.add_argument("--ratio-batch", type=int, default=4, help="batch of the breadth ratio (decode uses 1)")
+    parser.add_argument("--ratio-size", default="base", help="model size the breadth/static/load ratios use")
+    parser.add_argument("--ratio-batch", type=int, default=4, help="batch of the breadth ratio")
     parser.add_argument("--convert-dims", default="2048,8,32000",
                         help="hidden,layers,vocab of the synthetic checkpoint the converter ratio converts")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -602,13 +557,6 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"  {r['flops'] / 1e9:.1f} GFLOP per pass: batched {r['batched_flops'] / 1e9:.0f} GFLOP/s, loop "
               f"{r['loop_flops'] / 1e9:.0f} GFLOP/s, matmul peak here {r['peak_flops'] / 1e9:.0f} GFLOP/s "
               f"-> no exact batching can beat the loop by more than {r['ceiling']:.2f}x on this machine")
-    if "decode" in ratios:
-        r = ratio_decode(model, 1, args.repeats, args.new_tokens)
-        results["decode"] = r
-        print(f"\nDecode ({args.ratio_size}, batch 1, cache {r['cache_length']} tokens): forward step "
-              f"{fmt_ms(r['forward_ours'])} ms vs bare LLM {fmt_ms(r['forward_llm'])} ms -> overhead "
-              f"{(r['forward_ratio'] - 1) * 100:+.1f}%; generate step {fmt_ms(r['generate_ours'])} ms vs "
-              f"{fmt_ms(r['generate_llm'])} ms -> overhead {(r['generate_ratio'] - 1) * 100:+.1f}%")
     if "static" in ratios:
         r = ratio_static(model, args.repeats, args.new_tokens, args.compile_backend)
         results["static"] = r

@@ -38,6 +38,13 @@ for pair in "tf4:tf5" "tf5:tf4"; do
     "$@" 2>&1 | tee "$logs/$this.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
+# The overhead guard: benchmarks/overhead.py's ratios at the tiny size, printed every run; it fails only on a gross
+# regression (a median ratio above x1.6, far outside the spreads measured: see benchmarks/README.md).
+for this in tf4 tf5; do
+  echo "=== overhead guard under $(.venv-$this/bin/python -c 'import transformers; print("transformers", transformers.__version__)')"
+  .venv-$this/bin/python benchmarks/overhead.py --size tiny --rounds 15 --guard 1.6 2>&1 | grep -v Warning
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+done
 echo "=== pytest tests/test_vllm.py under $(.venv-vllm/bin/python -c 'import vllm; print("vLLM", vllm.__version__)')"
 .venv-vllm/bin/python -m pytest tests/test_vllm.py -q -rs -p no:cacheprovider "$@" 2>&1 | tee "$logs/vllm.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1

@@ -22,6 +22,7 @@ from florence_vl.modeling_florence_vl import FlorenceVLForConditionalGeneration
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import benchmark  # noqa: E402
+import overhead  # noqa: E402
 
 NEW = 6
 V4 = transformers.__version__.startswith("4.")
@@ -129,13 +130,13 @@ def test_benchmark_smoke_runs_on_tiny(tmp_path):
     """The script runs end to end on the tiny size (table, every ratio) and its naive breadth loop is exact."""
     out = io.StringIO()
     argv = ["--sizes", "tiny", "--batches", "1", "--repeats", "1", "--new-tokens", "2", "--ratio-size", "tiny",
-            "--ratio-batch", "2", "--ratios", "breadth,decode,static,load,convert", "--convert-dims", "128,2,1000",
+            "--ratio-batch", "2", "--ratios", "breadth,static,load,convert", "--convert-dims", "128,2,1000",
             "--compile-backend", "eager", "--json", str(tmp_path / "results.json")]
     with contextlib.redirect_stdout(out):
         assert benchmark.main(argv) == 0
     text = out.getvalue()
     assert "| size | batch | depth ms | breadth ms |" in text and "| tiny | 1 |" in text
-    for line in ("Breadth (tiny, batch 2", "Decode (tiny, batch 1", "Static cache + torch.compile (tiny, batch 1",
+    for line in ("Breadth (tiny, batch 2", "Static cache + torch.compile (tiny, batch 1",
                  "Loading (tiny)", "Converter ("):
         assert line in text, line
     results = __import__("json").loads((tmp_path / "results.json").read_text())
@@ -158,3 +159,45 @@ def test_benchmark_breadth_flops_match_torch_flop_counter():
 def test_benchmark_refuses_real_sizes_on_cpu():
     with pytest.raises(SystemExit, match="CUDA GPU"):
         benchmark.main(["--sizes", "8b", "--device", "cpu"])
+
+
+def test_overhead_rounds_rotate_the_order_and_ratios_pair_within_a_round():
+    calls = []
+    arms = {name: (lambda name=name: calls.append(name) or float(len(calls))) for name in "abc"}
+    times = overhead.rounds(arms, 6)
+    assert calls[:3] == ["a", "b", "c"]  # the warm-up
+    orders = ["".join(calls[3 + 3 * i: 6 + 3 * i]) for i in range(6)]
+    assert orders == ["abc", "bca", "cab", "cba", "acb", "bac"]  # rotated, then reversed: no arm always first
+    assert all(len(values) == 6 for values in times.values())
+    paired = overhead.ratios({"x": [2.0, 4.0, 6.0, 9.0], "y": [1.0, 2.0, 3.0, 3.0], "z": [1.0, 2.0, 3.0, 6.0]},
+                             {"x/y": (("x",), ("y",)), "x/(y+z)": (("x",), ("y", "z"))})
+    assert paired["x/y"] == (2.0, 2.0, 2.25) and paired["x/(y+z)"][0] == 1.0
+
+
+def test_overhead_guard_fails_on_a_gross_decode_regression(monkeypatch, capsys):
+    """The CI guard (scripts/test.sh) is this script with --guard: a decode step made slower must fail it."""
+    import time
+
+    forward = FlorenceVLForConditionalGeneration.forward
+
+    def slow_decode(self, *args, **kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] == 1:
+            time.sleep(0.02)  # a tiny decode step takes about 2 ms
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(FlorenceVLForConditionalGeneration, "forward", slow_decode)
+    assert overhead.main(["--size", "tiny", "--groups", "decode", "--rounds", "4", "--new-tokens", "3",
+                          "--guard", "1.6"]) == 1
+    out, err = capsys.readouterr()
+    assert "decode, text only: ours / bare LLM" in out and "decode control" in out and "IQR" in out
+    assert err.strip().splitlines()[-1].startswith("error: median ratio above the guard x1.6: decode, text only")
+
+
+def test_overhead_features_equal_native_florence2_and_refuses_bad_options(capsys):
+    """The features group first checks that ours and the native Florence-2 compute the same breadth states."""
+    assert overhead.main(["--size", "tiny", "--groups", "features,ttft", "--rounds", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "image features: ours / native Florence-2" in out and "TTFT control: parts / parts again" in out
+    assert overhead.main(["--groups", "speed"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown groups")

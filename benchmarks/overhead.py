@@ -1,0 +1,219 @@
+"""Florence-VL against its own parts, as ratios that machine noise cannot fool.
+
+    python benchmarks/overhead.py [--size mid] [--dtype float32] [--batch 1] [--rounds 15] [--guard 1.5]
+
+decode    time per new token inside `generate` (prefill excluded): ours with the image prompt and text-only, against
+          the bare LLM (`AutoModelForCausalLM`) holding the same weights, also right after our image encoding (which
+          leaves the process's memory in another state); control: a second copy of the bare LLM.
+ttft      time to first token of ours against its parts: our image features + the bare LLM's prefill of the same
+          length; control: the parts measured again.
+features  our image features (depth + breadth + DBFusion projector) against transformers' native Florence-2
+          encoding of the same tower: its image features, then its BART encoder over [image ; prompt] for the
+          prompts; control: the native encoding measured again.
+
+Both models are saved and loaded with `from_pretrained` (as users get them), in one process. Every round runs each
+arm once, the arms' order rotating and reversing between rounds, and a ratio is taken within each round (neighbours
+in time share the machine's load); the median ratio and its interquartile range over the rounds are printed. With
+`--guard R`, exit 1 when a median ratio exceeds R (the CI guard; see benchmarks/README.md for how R was set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import benchmark  # benchmarks/benchmark.py: sizes, random models, the step clock
+import torch
+from transformers import AutoModelForCausalLM, BartConfig, Florence2Config, Florence2ForConditionalGeneration
+
+from florence_vl.modeling_florence_vl import FlorenceVLForConditionalGeneration
+
+Arm = Callable[[], float]
+
+
+def rounds(arms: dict[str, Arm], count: int) -> dict[str, list[float]]:
+    """Seconds of every arm in each of `count` rounds; the order rotates and reverses from round to round."""
+    names = list(arms)
+    for arm in arms.values():  # warm-up: allocator, kernels, lazy imports
+        arm()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(count):
+        shift = i % len(names)
+        order = names[shift:] + names[:shift]
+        if (i // len(names)) % 2:
+            order.reverse()
+        for name in order:
+            times[name].append(arms[name]())
+    return times
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """Median and the first and third quartiles."""
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q2, q1, q3
+
+
+def ratios(times: dict[str, list[float]], pairs: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]) -> dict:
+    """label -> spread of the per-round ratio of the sum of some arms to the sum of others."""
+    def total(arms: tuple[str, ...], i: int) -> float:
+        return sum(times[arm][i] for arm in arms)
+
+    rounds_run = len(next(iter(times.values())))
+    return {label: spread([total(top, i) / total(bottom, i) for i in range(rounds_run)])
+            for label, (top, bottom) in pairs.items()}
+
+
+# --------------------------------------------------------------------------------------------------------- models
+def load_pair(size: str, device: torch.device, dtype: torch.dtype, workdir: Path) -> tuple:
+    """Ours and the bare LLM with the same weights (twice: the control), each saved and loaded with from_pretrained."""
+    model = benchmark.build_model(size, device, dtype)
+    model.save_pretrained(workdir / "florence_vl")
+    benchmark.bare_llm(model).save_pretrained(workdir / "llm")
+    del model
+    ours = FlorenceVLForConditionalGeneration.from_pretrained(workdir / "florence_vl", dtype=dtype).to(device).eval()
+    bare, copy = (AutoModelForCausalLM.from_pretrained(workdir / "llm", dtype=dtype).to(device).eval() for _ in "ab")
+    for net in (ours, bare, copy):
+        net.generation_config.pad_token_id = ours.config.text_config.pad_token_id
+    return ours, bare, copy
+
+
+def native_florence2(model: FlorenceVLForConditionalGeneration) -> Florence2ForConditionalGeneration:
+    """transformers' Florence-2 holding our tower, image projection and BART encoder (its decoder random)."""
+    encoder = model.config.breadth_encoder_config.to_dict()
+    encoder.pop("model_type", None)
+    encoder.update(decoder_layers=1, decoder_attention_heads=encoder["encoder_attention_heads"],
+                   decoder_ffn_dim=encoder["encoder_ffn_dim"])
+    config = Florence2Config(vision_config=model.config.vision_config.to_dict(), text_config=BartConfig(**encoder))
+    native = Florence2ForConditionalGeneration(config).to(model.device, model.dtype).eval()
+    native.model.vision_tower.load_state_dict(model.model.vision_tower.state_dict())
+    native.model.multi_modal_projector.load_state_dict(model.model.vision_projector.state_dict())
+    native.model.language_model.encoder.load_state_dict(model.model.breadth_encoder.state_dict())
+    native.get_input_embeddings().load_state_dict(model.model.breadth_encoder.embed_tokens.state_dict())
+    return native
+
+
+@torch.no_grad()
+def native_encoding(native: Florence2ForConditionalGeneration, pixel_values: torch.Tensor,
+                    prompt_ids: torch.LongTensor) -> torch.Tensor:
+    """Native Florence-2: image features once, then the encoder over [image ; prompt] for every image and prompt."""
+    image = native.model.get_image_features(pixel_values)
+    image = getattr(image, "pooler_output", image)  # transformers 4.x returns the tensor
+    prompts = native.get_input_embeddings()(prompt_ids).to(image.dtype)
+    images, tokens = image.shape[:2]
+    embeds = torch.cat([image.repeat_interleave(len(prompts), 0), prompts.repeat(images, 1, 1)], dim=1)
+    return native.model.language_model.encoder(inputs_embeds=embeds).last_hidden_state[:, :tokens]
+
+
+# ----------------------------------------------------------------------------------------------------------- arms
+def generate_seconds(net, inputs: dict) -> float:
+    """Wall time of a one-token `generate` (time to first token)."""
+    seconds, _ = benchmark.timed(lambda: net.generate(**inputs, max_new_tokens=1, do_sample=False), net.device)
+    return seconds
+
+
+def step_seconds(net, inputs: dict, new_tokens: int) -> float:
+    """Median time per new token inside `generate`, the prefill's step excluded."""
+    return statistics.median(benchmark.decode_step_times(net, inputs, new_tokens)[1])
+
+
+@torch.no_grad()
+def measure(size: str, device: torch.device, dtype: torch.dtype, batch: int, count: int, new_tokens: int, groups: list[str]) -> dict:
+    """label -> (median, q1, q3) of every ratio of the chosen groups."""
+    result = {}
+    with tempfile.TemporaryDirectory(prefix="florence_vl_overhead_") as tmp:
+        ours, bare, copy = load_pair(size, device, dtype, Path(tmp))
+        image = benchmark.sample_inputs(ours, batch)
+        text_ids = image["input_ids"].masked_fill(image["input_ids"] == ours.config.image_token_id, 100)
+        text = {"input_ids": text_ids, "attention_mask": image["attention_mask"]}
+        pixels = image["pixel_values"]
+        if "decode" in groups:
+            def bare_after_image() -> float:
+                """The bare LLM's decode right after our image encoding (the process in the state ours decodes in)."""
+                ours.get_image_features(pixels)
+                return step_seconds(bare, text, new_tokens)
+
+            times = rounds({"image": lambda: step_seconds(ours, image, new_tokens),
+                            "text": lambda: step_seconds(ours, text, new_tokens),
+                            "bare": lambda: step_seconds(bare, text, new_tokens),
+                            "bare_after_image": bare_after_image,
+                            "copy": lambda: step_seconds(copy, text, new_tokens)}, count)
+            result.update(ratios(times, {
+                "decode, text only: ours / bare LLM": (("text",), ("bare",)),
+                "decode, image prompt: ours / bare LLM": (("image",), ("bare",)),
+                "decode, image prompt: ours / bare LLM after the same image encoding":
+                    (("image",), ("bare_after_image",)),
+                "decode control: bare LLM copy / bare LLM": (("copy",), ("bare",)),
+            }))
+        features = lambda: benchmark.timed(lambda: ours.get_image_features(pixels), ours.device)[0]  # noqa: E731
+        if "ttft" in groups:
+            times = rounds({"ours": lambda: generate_seconds(ours, image), "features": features,
+                            "prefill": lambda: generate_seconds(bare, text), "features2": features,
+                            "prefill2": lambda: generate_seconds(bare, text)}, count)
+            result.update(ratios(times, {
+                "TTFT: ours / (image features + LLM prefill)": (("ours",), ("features", "prefill")),
+                "TTFT control: parts / parts again": (("features2", "prefill2"), ("features", "prefill")),
+            }))
+        if "features" in groups:
+            native = native_florence2(ours)
+            prompt_ids = ours.model._prompt_ids(ours.config.breadth_prompts, ours.device)
+            breadth = ours.model.get_breadth_features(ours.model.get_depth_features(pixels).pooler_output)
+            expected = torch.stack([breadth[task] for task in ours.config.breadth_prompts], 1).flatten(0, 1)
+            torch.testing.assert_close(native_encoding(native, pixels, prompt_ids), expected)  # same work, same result
+            encode = lambda: benchmark.timed(lambda: native_encoding(native, pixels, prompt_ids),  # noqa: E731
+                                             ours.device)[0]
+            times = rounds({"ours": features, "native": encode, "native2": encode}, count)
+            result.update(ratios(times, {
+                "image features: ours / native Florence-2": (("ours",), ("native",)),
+                "features control: native / native again": (("native2",), ("native",)),
+            }))
+    return result
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="mid", choices=benchmark.SIZES)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=15, help="rounds per group (each runs every arm once)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens per decode measurement")
+    parser.add_argument("--groups", default="decode,ttft,features", help="comma-separated: decode, ttft, features")
+    parser.add_argument("--guard", type=float, default=None, help="exit 1 when a median ratio exceeds this")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    groups = [g for g in args.groups.split(",") if g]
+    unknown = [g for g in groups if g not in ("decode", "ttft", "features")]
+    if unknown or args.rounds < 4 or args.batch < 1:
+        print(f"error: unknown groups {unknown}" if unknown else "error: --rounds must be >= 4, --batch >= 1",
+              file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    benchmark.transformers.utils.logging.disable_progress_bar()
+    device = torch.device(args.device)
+    if args.size in benchmark.REAL_TEXT and device.type != "cuda":
+        print(f"error: size {args.size} has the real release shapes: run it on a CUDA GPU", file=sys.stderr)
+        return 2
+    print(f"{benchmark.machine(device)}; size {args.size}, {args.dtype}, batch {args.batch}, "
+          f"{args.rounds} rounds; transformers {benchmark.transformers.__version__}")
+    result = measure(args.size, device, getattr(torch, args.dtype), args.batch, args.rounds, args.new_tokens, groups)
+    width = max(map(len, result))
+    for label, (mid, q1, q3) in result.items():
+        print(f"  {label:<{width}}  x{mid:.3f}  (IQR {q1:.3f}-{q3:.3f})")
+    over = [label for label, (mid, _, _) in result.items() if args.guard and mid > args.guard]
+    if over:
+        print(f"error: median ratio above the guard x{args.guard}: {'; '.join(over)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
