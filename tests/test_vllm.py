@@ -385,3 +385,30 @@ def test_serving_docs_run_as_written(folder, server, monkeypatch, capfd):
     assert namespace["outputs"][0].outputs[0].text.strip() == "green"
     assert namespace["reply"].choices[0].message.content.strip() == "green"
     assert capfd.readouterr().out.split() == ["green", "green"]
+
+
+LMMS_PYTHON = os.environ.get("FLORENCE_VL_LMMS_PYTHON")
+
+
+@pytest.mark.skipif(not LMMS_PYTHON, reason="FLORENCE_VL_LMMS_PYTHON unset (scripts/test.sh sets it to .venv-lmms)")
+def test_lmms_eval_scores_the_shapes_task_through_the_server(server, folder, tmp_path):
+    """docs/evaluation.md's recipe as written: lmms-eval 0.7.3's `openai` adapter against our vLLM server, on the local
+    shapes task (60 held-out images). The score comes from lmms-eval's results file: its exit status is 0 even when a
+    task fails."""
+    task = tmp_path / "shapes_task"
+    subprocess.run([sys.executable, str(ROOT / "evaluation" / "make_shapes_task.py"), str(task)], check=True,
+                   capture_output=True, timeout=300)
+    results = tmp_path / "shapes_results"
+    model_args = f"model={folder},base_url={server}/v1,api_key=none,timeout=120,num_concurrent=4"
+    command = [LMMS_PYTHON, "-m", "lmms_eval", "--model", "openai", "--model_args", model_args,
+               "--tasks", "florence_vl_shapes", "--include_path", str(task), "--batch_size", "1",
+               "--output_path", str(results)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=1200, cwd=tmp_path,
+                         env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
+    found = sorted(results.rglob("*_results.json"))
+    assert found, f"lmms-eval wrote no results (exit {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
+    report = json.loads(found[-1].read_text())
+    score = report["results"]["florence_vl_shapes"]["exact_match,none"]
+    samples = report["n-samples"]["florence_vl_shapes"]["effective"]
+    print(f"lmms-eval florence_vl_shapes: {score:.3f} on {samples} samples")
+    assert samples == 60 and score >= 0.9, report["results"]
