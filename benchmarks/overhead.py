@@ -120,8 +120,66 @@ def step_seconds(net, inputs: dict, new_tokens: int) -> float:
     return statistics.median(benchmark.decode_step_times(net, inputs, new_tokens)[1])
 
 
+def decode_ratios(ours, bare, copy, image: dict, text: dict, count: int, new_tokens: int) -> dict:
+    """Time per new token of ours (image prompt, text only) against the bare LLM, and the bare-vs-bare control."""
+    def bare_after_image() -> float:
+        """The bare LLM's decode right after our image encoding (the process in the state ours decodes in)."""
+        ours.get_image_features(image["pixel_values"])
+        return step_seconds(bare, text, new_tokens)
+
+    times = rounds({"image": lambda: step_seconds(ours, image, new_tokens),
+                    "text": lambda: step_seconds(ours, text, new_tokens),
+                    "bare": lambda: step_seconds(bare, text, new_tokens),
+                    "bare_after_image": bare_after_image,
+                    "copy": lambda: step_seconds(copy, text, new_tokens)}, count)
+    return ratios(times, {
+        "decode, text only: ours / bare LLM": (("text",), ("bare",)),
+        "decode, image prompt: ours / bare LLM": (("image",), ("bare",)),
+        "decode, image prompt: ours / bare LLM after the same image encoding": (("image",), ("bare_after_image",)),
+        "decode control: bare LLM copy / bare LLM": (("copy",), ("bare",)),
+    })
+
+
+def features_seconds(ours, pixel_values: torch.Tensor) -> float:
+    """Wall time of our image features (depth, breadth, DBFusion projector)."""
+    return benchmark.timed(lambda: ours.get_image_features(pixel_values), ours.device)[0]
+
+
+def ttft_ratios(ours, bare, image: dict, text: dict, count: int) -> dict:
+    """Our time to first token against its parts: our image features + the bare LLM's prefill of the same length."""
+    times = rounds({"ours": lambda: generate_seconds(ours, image),
+                    "features": lambda: features_seconds(ours, image["pixel_values"]),
+                    "prefill": lambda: generate_seconds(bare, text),
+                    "features2": lambda: features_seconds(ours, image["pixel_values"]),
+                    "prefill2": lambda: generate_seconds(bare, text)}, count)
+    return ratios(times, {
+        "TTFT: ours / (image features + LLM prefill)": (("ours",), ("features", "prefill")),
+        "TTFT control: parts / parts again": (("features2", "prefill2"), ("features", "prefill")),
+    })
+
+
+def features_ratios(ours, pixel_values: torch.Tensor, count: int) -> dict:
+    """Our image features against native Florence-2's encoding of the same tower (checked equal first)."""
+    native = native_florence2(ours)
+    prompt_ids = ours.model._prompt_ids(ours.config.breadth_prompts, ours.device)
+    breadth = ours.model.get_breadth_features(ours.model.get_depth_features(pixel_values).pooler_output)
+    expected = torch.stack([breadth[task] for task in ours.config.breadth_prompts], 1).flatten(0, 1)
+    torch.testing.assert_close(native_encoding(native, pixel_values, prompt_ids), expected)  # same work, same result
+
+    def native_seconds() -> float:
+        return benchmark.timed(lambda: native_encoding(native, pixel_values, prompt_ids), ours.device)[0]
+
+    times = rounds({"ours": lambda: features_seconds(ours, pixel_values), "native": native_seconds,
+                    "native2": native_seconds}, count)
+    return ratios(times, {
+        "image features: ours / native Florence-2": (("ours",), ("native",)),
+        "features control: native / native again": (("native2",), ("native",)),
+    })
+
+
 @torch.no_grad()
-def measure(size: str, device: torch.device, dtype: torch.dtype, batch: int, count: int, new_tokens: int, groups: list[str]) -> dict:
+def measure(size: str, device: torch.device, dtype: torch.dtype, batch: int, count: int, new_tokens: int,
+            groups: list[str]) -> dict:
     """label -> (median, q1, q3) of every ratio of the chosen groups."""
     result = {}
     with tempfile.TemporaryDirectory(prefix="florence_vl_overhead_") as tmp:
@@ -129,51 +187,17 @@ def measure(size: str, device: torch.device, dtype: torch.dtype, batch: int, cou
         image = benchmark.sample_inputs(ours, batch)
         text_ids = image["input_ids"].masked_fill(image["input_ids"] == ours.config.image_token_id, 100)
         text = {"input_ids": text_ids, "attention_mask": image["attention_mask"]}
-        pixels = image["pixel_values"]
         if "decode" in groups:
-            def bare_after_image() -> float:
-                """The bare LLM's decode right after our image encoding (the process in the state ours decodes in)."""
-                ours.get_image_features(pixels)
-                return step_seconds(bare, text, new_tokens)
-
-            times = rounds({"image": lambda: step_seconds(ours, image, new_tokens),
-                            "text": lambda: step_seconds(ours, text, new_tokens),
-                            "bare": lambda: step_seconds(bare, text, new_tokens),
-                            "bare_after_image": bare_after_image,
-                            "copy": lambda: step_seconds(copy, text, new_tokens)}, count)
-            result.update(ratios(times, {
-                "decode, text only: ours / bare LLM": (("text",), ("bare",)),
-                "decode, image prompt: ours / bare LLM": (("image",), ("bare",)),
-                "decode, image prompt: ours / bare LLM after the same image encoding":
-                    (("image",), ("bare_after_image",)),
-                "decode control: bare LLM copy / bare LLM": (("copy",), ("bare",)),
-            }))
-        features = lambda: benchmark.timed(lambda: ours.get_image_features(pixels), ours.device)[0]  # noqa: E731
+            result.update(decode_ratios(ours, bare, copy, image, text, count, new_tokens))
         if "ttft" in groups:
-            times = rounds({"ours": lambda: generate_seconds(ours, image), "features": features,
-                            "prefill": lambda: generate_seconds(bare, text), "features2": features,
-                            "prefill2": lambda: generate_seconds(bare, text)}, count)
-            result.update(ratios(times, {
-                "TTFT: ours / (image features + LLM prefill)": (("ours",), ("features", "prefill")),
-                "TTFT control: parts / parts again": (("features2", "prefill2"), ("features", "prefill")),
-            }))
+            result.update(ttft_ratios(ours, bare, image, text, count))
         if "features" in groups:
-            native = native_florence2(ours)
-            prompt_ids = ours.model._prompt_ids(ours.config.breadth_prompts, ours.device)
-            breadth = ours.model.get_breadth_features(ours.model.get_depth_features(pixels).pooler_output)
-            expected = torch.stack([breadth[task] for task in ours.config.breadth_prompts], 1).flatten(0, 1)
-            torch.testing.assert_close(native_encoding(native, pixels, prompt_ids), expected)  # same work, same result
-            encode = lambda: benchmark.timed(lambda: native_encoding(native, pixels, prompt_ids),  # noqa: E731
-                                             ours.device)[0]
-            times = rounds({"ours": features, "native": encode, "native2": encode}, count)
-            result.update(ratios(times, {
-                "image features: ours / native Florence-2": (("ours",), ("native",)),
-                "features control: native / native again": (("native2",), ("native",)),
-            }))
+            result.update(features_ratios(ours, image["pixel_values"], count))
     return result
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="mid", choices=benchmark.SIZES)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -188,6 +212,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Measure, print every ratio with its spread; 1 when one is above --guard, 2 on bad options."""
     args = parse_args(argv)
     groups = [g for g in args.groups.split(",") if g]
     unknown = [g for g in groups if g not in ("decode", "ttft", "features")]
