@@ -369,21 +369,27 @@ def ratio_static(model, repeats: int, new_tokens: int, backend: str) -> dict:
             "compile_seconds": compile_seconds, "backend": backend, "runs": repeats}
 
 
+def native_florence2_config(config: FlorenceVLConfig) -> "transformers.Florence2Config":
+    """transformers' native Florence-2 config with our tower and breadth encoder, and a decoder as deep as the encoder
+    (Florence-2 has one; Florence-VL does not use it)."""
+    from transformers import BartConfig, Florence2Config
+
+    encoder = config.breadth_encoder_config.to_dict()
+    encoder.pop("model_type", None)
+    encoder.update(decoder_layers=encoder["encoder_layers"], decoder_attention_heads=encoder["encoder_attention_heads"],
+                   decoder_ffn_dim=encoder["encoder_ffn_dim"])
+    return Florence2Config(vision_config=config.vision_config.to_dict(), text_config=BartConfig(**encoder))
+
+
 def ratio_load(model, workdir: Path, repeats: int) -> dict:
     """from_pretrained of the saved Florence-VL folder vs its parts saved alone (the LLM + native Florence-2)."""
-    from transformers import BartConfig, Florence2Config, Florence2ForConditionalGeneration
+    from transformers import Florence2ForConditionalGeneration
 
     ours, llm_dir, florence_dir = workdir / "florence_vl", workdir / "llm", workdir / "florence2"
     model.save_pretrained(ours)
     bare_llm(model).save_pretrained(llm_dir)
-    encoder = model.config.breadth_encoder_config.to_dict()
-    encoder["decoder_layers"] = encoder["encoder_layers"]  # the native model has Florence-2's decoder too
-    encoder["decoder_attention_heads"] = encoder["encoder_attention_heads"]
-    encoder["decoder_ffn_dim"] = encoder["encoder_ffn_dim"]
-    encoder.pop("model_type", None)
-    vision = model.config.vision_config.to_dict()
-    native_config = Florence2Config(vision_config=vision, text_config=BartConfig(**encoder))
-    Florence2ForConditionalGeneration(native_config).to(model.dtype).save_pretrained(florence_dir)
+    native = Florence2ForConditionalGeneration(native_florence2_config(model.config))
+    native.to(model.dtype).save_pretrained(florence_dir)
     dtype = model.dtype
     loaders = {
         "ours": lambda: FlorenceVLForConditionalGeneration.from_pretrained(ours, dtype=dtype),

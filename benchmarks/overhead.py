@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import benchmark  # benchmarks/benchmark.py: sizes, random models, the step clock
 import torch
-from transformers import AutoModelForCausalLM, BartConfig, Florence2Config, Florence2ForConditionalGeneration
+from transformers import AutoModelForCausalLM, Florence2ForConditionalGeneration
 
 from florence_vl.modeling_florence_vl import FlorenceVLForConditionalGeneration
 
@@ -83,12 +83,8 @@ def load_pair(size: str, device: torch.device, dtype: torch.dtype, workdir: Path
 
 def native_florence2(model: FlorenceVLForConditionalGeneration) -> Florence2ForConditionalGeneration:
     """transformers' Florence-2 holding our tower, image projection and BART encoder (its decoder random)."""
-    encoder = model.config.breadth_encoder_config.to_dict()
-    encoder.pop("model_type", None)
-    encoder.update(decoder_layers=1, decoder_attention_heads=encoder["encoder_attention_heads"],
-                   decoder_ffn_dim=encoder["encoder_ffn_dim"])
-    config = Florence2Config(vision_config=model.config.vision_config.to_dict(), text_config=BartConfig(**encoder))
-    native = Florence2ForConditionalGeneration(config).to(model.device, model.dtype).eval()
+    native = Florence2ForConditionalGeneration(benchmark.native_florence2_config(model.config))
+    native = native.to(model.device, model.dtype).eval()
     native.model.vision_tower.load_state_dict(model.model.vision_tower.state_dict())
     native.model.multi_modal_projector.load_state_dict(model.model.vision_projector.state_dict())
     native.model.language_model.encoder.load_state_dict(model.model.breadth_encoder.state_dict())
