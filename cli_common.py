@@ -80,11 +80,16 @@ def resolve_model(model: str) -> str:
     return model
 
 
+def is_url(source: str) -> bool:
+    """Whether an image source is an http(s) URL (fetched) rather than a file path."""
+    return source.startswith(("http://", "https://"))
+
+
 def read_image(source: str, path: Optional[Path] = None) -> Any:
     """An RGB PIL image from a URL (fetched now) or the file at `path` (default: `source`); ValueError says why not."""
     from PIL import Image, UnidentifiedImageError
 
-    if source.startswith(("http://", "https://")):
+    if is_url(source):
         from transformers.image_utils import load_image
 
         try:
@@ -106,7 +111,7 @@ def resolve_image(image: str) -> Any:
     """The --image argument, read now (before any model loads): a URL, or a file relative to the caller's directory;
     a missing, unreachable or non-image source is a UsageError naming it."""
     try:
-        return read_image(image, None if image.startswith(("http://", "https://")) else user_path(image))
+        return read_image(image, None if is_url(image) else user_path(image))
     except ValueError as error:
         raise UsageError(f"--image {image}: {error}") from None
 

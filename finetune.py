@@ -24,8 +24,8 @@ from typing import Any, Optional
 
 import torch
 
-from cli_common import (UsageError, add_runtime_args, prepare_output_dir, quiet_libraries, read_image, resolve_device,
-                        resolve_dtype, resolve_model, run, user_path)
+from cli_common import (UsageError, add_runtime_args, is_url, prepare_output_dir, quiet_libraries, read_image,
+                        resolve_device, resolve_dtype, resolve_model, run, user_path)
 
 ROOT = Path(__file__).resolve().parent
 IGNORE_INDEX = -100
@@ -119,7 +119,7 @@ def _image_source(image: str, data_file: Path) -> Any:
     made absolute against the data file, whose header must be an image's (decoded when the batch needs it)."""
     from PIL import Image, UnidentifiedImageError
 
-    if image.startswith(("http://", "https://")):
+    if is_url(image):
         try:
             return read_image(image)
         except ValueError as error:
