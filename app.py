@@ -2,8 +2,8 @@
 
     python app.py [--model PATH_OR_REPO] [--host 127.0.0.1] [--port 7860]
 
-Without --model it serves the embedded tiny model (assets/tiny-florence-vl), fully offline (see README: it knows
-only coloured shapes). Needs `pip install -r requirements-app.txt` (Gradio 6, which needs
+Without --model it serves the embedded tiny model (assets/tiny-florence-vl), fully offline; its page says what that
+model answers (coloured shapes only: see README). Needs `pip install -r requirements-app.txt` (Gradio 6, which needs
 huggingface_hub >= 1, i.e. transformers 5.x; with transformers 4.57 install gradio==5.50.0 instead).
 """
 
@@ -24,8 +24,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from cli_common import (DEFAULT_MAX_NEW_TOKENS, add_runtime_args, positive_int, quiet_libraries, resolve_device,
                         resolve_dtype, resolve_model, run)
 
+from ask import EMBEDDED_MODEL, EMBEDDED_NOTICE, EMBEDDED_SCOPE
+
 ROOT = Path(__file__).resolve().parent
 NO_IMAGE = "Upload an image first: the model answers questions about an image."
+# The page's words: its title, what the model answers, and the question box's example.
+PAGE = {"title": "Florence-VL", "about": "", "example": "What is shown in the image?"}
+EMBEDDED_PAGE = {"title": "Florence-VL (embedded tiny model: coloured shapes only)", "about": EMBEDDED_SCOPE,
+                 "example": "What colour are the shapes?"}
 
 
 class Chat:
@@ -74,8 +80,9 @@ def empty_state() -> dict[str, Any]:
     return {"messages": [], "image": None}
 
 
-def build_demo(chat: Chat, title: str) -> Any:
-    """The Gradio Blocks UI: image, chat history, question box, send and clear buttons, the raw last answer."""
+def build_demo(chat: Chat, title: str, about: str, example: str) -> Any:
+    """The Gradio Blocks UI: image, chat history, question box, send and clear buttons, the raw last answer; the title,
+    what the model answers (`about`) and an `example` question in the empty question box."""
     import gradio as gr
 
     def respond(image: Optional[str], question: str, state: dict[str, Any], history: list[dict[str, str]]):
@@ -102,7 +109,8 @@ def build_demo(chat: Chat, title: str) -> Any:
         return [], "", empty_state(), ""
 
     with gr.Blocks(title=title) as demo:
-        gr.Markdown(f"# {title}\nUpload an image, ask a question; follow-up questions continue the conversation.")
+        gr.Markdown(f"# {title}\n{about}\n\nUpload an image, ask a question; follow-up questions continue the "
+                    "conversation.", elem_id="about")
         state = gr.State(empty_state())
         with gr.Row():
             with gr.Column(scale=1):
@@ -110,7 +118,7 @@ def build_demo(chat: Chat, title: str) -> Any:
                 image = gr.Image(type="filepath", format="png", image_mode="RGB", label="Image", elem_id="image")
             with gr.Column(scale=2):
                 chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=420)
-                question = gr.Textbox(label="Question", placeholder="What is shown in the image?", elem_id="question")
+                question = gr.Textbox(label="Question", placeholder=example, elem_id="question")
                 with gr.Row():
                     send = gr.Button("Send", variant="primary", elem_id="send")
                     clear_button = gr.Button("Clear conversation", elem_id="clear")
@@ -147,16 +155,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     with tempfile.TemporaryDirectory(prefix="florence_vl_app_") as scratch:
         os.environ["GRADIO_TEMP_DIR"] = str(Path(scratch) / "uploads")  # uploads go with it
-        model_path, title = args.model, "Florence-VL"
-        if model_path is None:
-            from ask import EMBEDDED_MODEL, EMBEDDED_NOTICE
-
+        if args.model is None:
             print(EMBEDDED_NOTICE)
-            model_path = str(EMBEDDED_MODEL)
-            title = "Florence-VL (embedded tiny model: coloured shapes only)"
+            model_path, page = str(EMBEDDED_MODEL), EMBEDDED_PAGE
         else:
-            model_path = resolve_model(model_path)
-        demo = build_demo(Chat(model_path, args.device, args.max_new_tokens, args.dtype), title)
+            model_path, page = resolve_model(args.model), PAGE
+        demo = build_demo(Chat(model_path, args.device, args.max_new_tokens, args.dtype), **page)
         try:
             demo.queue().launch(server_name=args.host, server_port=args.port, theme=offline_theme(), share=False)
         finally:

@@ -4,8 +4,8 @@
 
 Without --model it runs the embedded tiny model (assets/tiny-florence-vl): a miniature of the release (Llama-3
 tokenizer and chat template, DaViT, the Florence-2 encoder over the three prompts, DBFusion, a small Llama) trained
-here on one synthetic task (train_embedded_model.py): the colour, shape or count of the coloured shapes in an image. It
-knows nothing else: real answers need a converted release (--model).
+here on one synthetic task (train_embedded_model.py): the colour, shape or number of the coloured shapes in an image
+(EMBEDDED_SCOPE). It knows nothing else: real answers need a converted release (--model).
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ ROOT = Path(__file__).resolve().parent
 EMBEDDED_MODEL = ROOT / "assets" / "tiny-florence-vl"
 EMBEDDED_WEIGHTS = EMBEDDED_MODEL / "model.safetensors"
 EMBEDDED_NOTICE = "No --model given: the embedded tiny model, which knows only coloured shapes (see README)."
+EMBEDDED_SCOPE = ("The embedded tiny model answers questions about images of 1 to 3 circles, squares or triangles of "
+                  "one colour (red, green, blue or yellow) on a light background: their colour, their shape, how many "
+                  "there are, and how many of a kind (\"How many circles are there?\"), asked in everyday wordings. "
+                  "To anything else it answers that this is all it knows.")
 
 
 def materialise_embedded_model(folder: Path, seed: int = 0, random_weights: bool = False) -> Path:

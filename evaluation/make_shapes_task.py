@@ -28,7 +28,7 @@ doc_to_visual: !function utils.doc_to_visual
 doc_to_text: !function utils.doc_to_text
 doc_to_target: answer
 generation_kwargs:
-  max_new_tokens: 8
+  max_new_tokens: 40  # the off-task sentence
   temperature: 0
   do_sample: false
 process_results: !function utils.process_results

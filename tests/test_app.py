@@ -186,6 +186,19 @@ def ask(driver, question: str, expected: str) -> str:
     return answer_text()
 
 
+def test_the_embedded_models_page_says_what_it_answers():
+    """Without --model (app.main picks EMBEDDED_PAGE) the page says what the embedded model answers and suggests a
+    question it was trained on; a --model page makes no such claim."""
+    import app
+    import ask
+    import shapes_data
+
+    embedded = str(app.build_demo(None, **app.EMBEDDED_PAGE).config)
+    assert ask.EMBEDDED_SCOPE in embedded
+    assert app.EMBEDDED_PAGE["example"] in shapes_data.BY_TEXT and app.EMBEDDED_PAGE["example"] in embedded
+    assert ask.EMBEDDED_SCOPE not in str(app.build_demo(None, **app.PAGE).config)
+
+
 def test_a_question_without_an_image_is_refused_with_a_notice(server, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

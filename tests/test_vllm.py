@@ -129,9 +129,9 @@ def llm(folder, transformers_side):
     del engine
 
 
-def chat(llm, conversations: list[list[dict]]) -> list:
+def chat(llm, conversations: list[list[dict]], max_tokens: int = MAX_NEW_TOKENS) -> list:
     """vLLM chat called plainly, as its documentation shows: no tokenization flags (the template holds the prompt)."""
-    params = vllm.SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0)
+    params = vllm.SamplingParams(max_tokens=max_tokens, temperature=0.0)
     return llm.chat(conversations, params, use_tqdm=False)
 
 
@@ -143,7 +143,7 @@ def assert_same(output, transformers_side: dict, name: str) -> None:
     assert until_eos(list(output.outputs[0].token_ids), transformers_side["eos"]) == new_tokens
 
 
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(3 + 4))  # the fixture's 3 cases, then the shapes scene with 4 questions
 def test_each_case_matches_generate(llm, transformers_side, index):
     image, question = fixture_cases()[index]
     (output,) = chat(llm, [conversation([image], question)])
@@ -151,16 +151,17 @@ def test_each_case_matches_generate(llm, transformers_side, index):
 
 
 def test_the_embedded_model_answers_through_vllm(llm):
-    """The embedded model's known answers, served by vLLM: the example image's green triangle (colour, shape, count),
-    and the drawn scene's two circles (count; colour and shape questions about several shapes are a known gap of the
-    embedded model's training, which saw one shape for those)."""
-    from shapes_data import COUNT_QUESTION, QUESTIONS
+    """The embedded model's known answers, served by vLLM: the example image's green triangle and the drawn scene's two
+    blue circles, each asked every canonical question, and an off-task question's fixed sentence."""
+    from shapes_data import OFF_TASK_ANSWER, QUESTIONS
 
     example = Image.open(ROOT / "assets" / "example.png")
     scene, _ = fixture_cases()[3]
-    requests = [(example, question) for question in QUESTIONS] + [(scene, COUNT_QUESTION)]
-    outputs = chat(llm, [conversation([image], question) for image, question in requests])
-    assert [output.outputs[0].text.strip() for output in outputs] == ["green", "triangle", "one", "two"]
+    requests = [(image, question) for image in (example, scene) for question in QUESTIONS]
+    requests.append((scene, "Describe the image."))
+    outputs = chat(llm, [conversation([image], question) for image, question in requests], max_tokens=40)
+    assert [output.outputs[0].text.strip() for output in outputs] == [
+        "green", "triangle", "one", "zero", "blue", "circle", "two", "two", OFF_TASK_ANSWER]
 
 
 def test_concurrent_requests_match_generate(llm, transformers_side):

@@ -1,5 +1,6 @@
 """lmms-eval hooks of the `florence_vl_shapes` task: images from the task folder, the question as the prompt, exact
-match of the one-word answer. Copied next to the task's data by evaluation/make_shapes_task.py."""
+match of the whole answer (a word, or the off-task sentence). Copied next to the task's data by
+evaluation/make_shapes_task.py."""
 
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,11 @@ def doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: Any = None) -> s
     return doc["question"]
 
 
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().replace(".", " ").split())
+
+
 def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
-    """1 when the answer's first word (lower case, without punctuation) is the expected word."""
-    words = results[0].strip().lower().replace(".", " ").split()
-    return {"exact_match": float(bool(words) and words[0] == doc["answer"])}
+    """1 when the whole answer is the expected one (case, full stops and spacing aside): a right word followed by more
+    text does not count."""
+    return {"exact_match": float(_normalise(results[0]) == _normalise(doc["answer"]))}
