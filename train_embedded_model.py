@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -150,6 +151,19 @@ def by_family(record: dict[str, Any]) -> tuple[str, str]:
     return record["kind"], record["family"]
 
 
+def seeded_chunks(count: int, seed: int, chunks: int) -> list[tuple[int, int]]:
+    """`count` split into `chunks` near-equal non-empty parts, each with its own seed: (size, seed) pairs whose images
+    do not depend on how many processes draw them."""
+    sizes = [count // chunks + (index < count % chunks) for index in range(chunks)]
+    return [(size, seed * 1000 + index) for index, size in enumerate(sizes) if size]
+
+
+def in_workers(function: Callable[[Any], Any], jobs: list) -> list:
+    """`function` of each job, in order, run by WORKERS spawned processes (drawing is CPU-bound)."""
+    with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(function, jobs))
+
+
 def _labelled_chunk(job: tuple[str, int, int]) -> tuple[Any, Any]:
     """Pixel values and HEADS labels of `count` random scenes of 1 to 3 shapes drawn with seed `seed`, preprocessed
     by the processor in `folder` (a worker process's share of labelled_images)."""
@@ -174,10 +188,8 @@ def labelled_images(folder: Path, count: int, seed: int, chunks: int = 16) -> tu
     WORKERS processes in `chunks` seeded chunks (the same images whatever the number of processes)."""
     import torch
 
-    sizes = [count // chunks + (index < count % chunks) for index in range(chunks)]
-    jobs = [(str(folder), size, seed * 1000 + index) for index, size in enumerate(sizes) if size]
-    with ProcessPoolExecutor(WORKERS, mp_context=__import__("multiprocessing").get_context("spawn")) as pool:
-        parts = list(pool.map(_labelled_chunk, jobs))
+    parts = in_workers(_labelled_chunk, [(str(folder), size, chunk_seed) for size, chunk_seed in
+                                         seeded_chunks(count, seed, chunks)])
     return torch.cat([pixels for pixels, _ in parts]), torch.cat([labels for _, labels in parts])
 
 
@@ -189,10 +201,9 @@ def _dataset_chunk(job: tuple[str, int, int]) -> str:
 def write_training_data(folder: Path, count: int, seed: int, chunks: int = 8) -> Path:
     """finetune.py's samples.jsonl of `count` random samples in `folder`, drawn by WORKERS processes in `chunks`
     seeded chunks (one sub-folder each)."""
-    sizes = [count // chunks + (index < count % chunks) for index in range(chunks)]
-    jobs = [(str(folder / f"part{index}"), size, seed * 1000 + index) for index, size in enumerate(sizes) if size]
-    with ProcessPoolExecutor(WORKERS, mp_context=__import__("multiprocessing").get_context("spawn")) as pool:
-        parts = [Path(path) for path in pool.map(_dataset_chunk, jobs)]
+    jobs = [(str(folder / f"part{index}"), size, chunk_seed)
+            for index, (size, chunk_seed) in enumerate(seeded_chunks(count, seed, chunks))]
+    parts = [Path(path) for path in in_workers(_dataset_chunk, jobs)]
     lines = []
     for part in parts:
         for line in part.read_text().splitlines():
