@@ -49,10 +49,11 @@ What the recipe rests on (seed 0 unless said):
   (tests' seed, 100 per family: shape 93-99%, counts of a kind 95-96%); unseen off-task questions 7 of 8 got the
   sentence, but one reply was a broken sentence. Its stage 0 reran identically (deterministic), yet changing only the
   stages' question mix collapsed colour: colour in 18% of the samples and 4,800 samples per stage, 86.7-93.3% (blue
-  read as green, yellow as red); off-task in 12% (counts of a kind 30%), 45-52% (two colours left). Colour's binding
-  in stage 1 is what the recipe must make robust next (e.g. a colour term in stage 1's loss, the tower's stem frozen
-  there). With 20,000 images and 2,400 steps, stage 0 stayed above loss 2 to step 1,100 and ended at 88.6% count,
-  89.9% shape: the plateau it must escape first depends on the images drawn.
+  read as green, yellow as red); off-task in 12% (counts of a kind 30%), 45-52% (two colours left), and the same
+  with Florence-2 nearly frozen in stage 1 (1e-5), 35-57%: not the tower's drift (stage 0's heads read colour at
+  99.9%) but the projector and LLM binding it, which the recipe must make robust next. With 20,000 images and 2,400
+  steps, stage 0 stayed above loss 2 to step 1,100 and ended at 88.6% count, 89.9% shape: the plateau it must escape
+  first depends on the images drawn.
 - Counts of a kind need "zero" and the shape together: with them in a sixth of the samples, "How many circles are
   there?" about squares got the number of squares (78% on circles and squares); at a third of the samples, 95%.
 - Stage 0 sees the images exactly as the model does, padded to a square (processor.preprocess_images). An earlier
