@@ -34,6 +34,9 @@ COLOURS = {
     "yellow": ((215, 255), (195, 240), (0, 60)),
 }
 MIN_SIDE, MAX_SIDE = 100, 1000  # image sides in pixels
+# The smallest shape, as a share of the image's long side: 10 px of the embedded model's 128-px view (the long side
+# scaled to 128), below which shapes are a few blurred pixels (measured: shape questions 60% right there).
+MIN_SHAPE = 0.08
 BACKGROUND = (205, 255)  # light shades, per channel, at most 25 apart so that they stay greyish
 OFF_TASK_ANSWER = "I only know the colour, shape and number of the shapes in an image."
 
@@ -88,7 +91,15 @@ WORDINGS: tuple[Question, ...] = (
         "What time is it?", "Hello!", "Tell me a joke.", "What is the capital of France?",
         "Write a poem about the sea.", "What is 2 + 2?", "Is this image real?", "What is the weather like?",
         "Describe the picture in detail.", "What do you see?", "Can you help me?", "What is the background?",
-        "Translate this into French.", "How big is the image?", "Who made this?", "Summarise the image.")),
+        "Translate this into French.", "How big is the image?", "Who made this?", "Summarise the image.",
+        # Questions shaped like the task's ("What ... is this?", "How many ...", "Can you ...") about something else:
+        # the sentence must follow what is asked, not the question's form.
+        "What fruit is this?", "What letter is this?", "What object is this?", "What kind of food is it?",
+        "How many people are there?", "How many cars are there?", "How many dogs are in the picture?",
+        "Can you describe it?", "Please tell me what you see.", "Could you explain this image?", "Is it a cat?",
+        "What is written here?", "Who is this?", "What is happening?", "What is the name of this place?",
+        "What language is this?", "What year is it?", "Write a song.", "What is your name?",
+        "Is this a photo or a drawing?", "What is the mood of the image?", "Explain the picture.", "Thanks!")),
 )
 BY_TEXT = {question.text: question for question in WORDINGS}
 FAMILIES = tuple(dict.fromkeys((question.kind, question.family) for question in WORDINGS))
@@ -176,11 +187,12 @@ def draw_scene(scene: Scene, rng: random.Random, size: tuple[int, int] | None = 
         else:
             width, height = size
         # Shapes scale with the short side; three of them must fit, so they are smaller when there are more. An
-        # elongated image has room along its long side: its shapes grow, up to 0.8 of the short side, so that they do
-        # not shrink to a few pixels once the image is padded to a square.
+        # elongated image has room along its long side: its shapes grow, up to 0.8 of the short side, and none is
+        # under MIN_SHAPE of the long side, so that none shrinks to a few pixels once the image is padded to a square.
         low, high = {1: (0.2, 0.75), 2: (0.18, 0.5), 3: (0.15, 0.38)}[scene.count]
-        grow = min(max(width, height) / min(width, height), 0.8 / high)
-        sizes = [int(min(width, height) * rng.uniform(low * grow, high * grow)) for _ in range(scene.count)]
+        short, long = min(width, height), max(width, height)
+        grow = min(long / short, 0.8 / high)
+        sizes = [int(max(short * rng.uniform(low * grow, high * grow), long * MIN_SHAPE)) for _ in range(scene.count)]
         corners = _place(rng, width, height, sizes)
         if corners is not None:
             break
@@ -225,31 +237,38 @@ def random_scene(rng: random.Random, question: str | None = None) -> Scene:
 KIND_WEIGHTS = {"colour": 0.2, "shape": 0.24, "count": 0.14, "count of a kind": 0.32, "off-task": 0.1}
 
 
-def random_question(rng: random.Random, family: tuple[str, str] | None = None) -> str:
-    """A random wording: of a random kind (KIND_WEIGHTS) and family, or of the given (kind, family)."""
+def random_question(rng: random.Random, family: tuple[str, str] | None = None,
+                    weights: dict[str, float] | None = None) -> str:
+    """A random wording: of a random kind (`weights`, by default KIND_WEIGHTS) and family, or of the given
+    (kind, family)."""
     if family is None:
-        kind = rng.choices(KINDS, weights=[KIND_WEIGHTS[kind] for kind in KINDS])[0]
+        weights = weights or KIND_WEIGHTS
+        kind = rng.choices(KINDS, weights=[weights[kind] for kind in KINDS])[0]
         family = rng.choice([pair for pair in FAMILIES if pair[0] == kind])
     return rng.choice([question.text for question in WORDINGS if (question.kind, question.family) == family])
 
 
-def random_sample(rng: random.Random) -> tuple[Scene, str]:
-    """A random question and a random scene for it."""
-    question = random_question(rng)
+def random_sample(rng: random.Random, weights: dict[str, float] | None = None) -> tuple[Scene, str]:
+    """A random question (of a kind drawn with `weights`, by default KIND_WEIGHTS) and a random scene for it."""
+    question = random_question(rng, weights=weights)
     return random_scene(rng, question), question
 
 
-def write_dataset(out_dir: Path, count: int, seed: int, max_side: int | None = None) -> Path:
+def write_dataset(out_dir: Path, count: int, seed: int, max_side: int | None = None,
+                  weights: dict[str, float] | None = None, strips: float = 0.0) -> Path:
     """Write `count` samples (PNG images + samples.jsonl in finetune.py's format); returns the JSONL path. With
-    `max_side`, larger images are saved scaled down to it (same aspect ratio): faster to write and read."""
+    `max_side`, larger images are saved scaled down to it (same aspect ratio): faster to write and read. `weights`:
+    how often each kind of question is asked (default KIND_WEIGHTS); `strips`: the share of images elongated 1:2.5 to
+    1:8 (beyond the share their random sides give)."""
     rng = random.Random(seed)
     images = out_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
     lines = []
     for index in range(count):
-        scene, question = random_sample(rng)
+        scene, question = random_sample(rng, weights)
         name = f"images/{index:06d}.png"
-        image = draw_scene(scene, rng)
+        strip = strips and rng.random() < strips
+        image = draw_scene(scene, rng, size=elongated_size(rng, 2.5, 8.0) if strip else None)
         if max_side is not None and max(image.size) > max_side:
             image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         image.save(out_dir / name)

@@ -1,31 +1,32 @@
 """Train the embedded tiny Florence-VL (assets/tiny-florence-vl) on the coloured-shapes task, with finetune.py.
 
-    python train_embedded_model.py [--seed 0]          # about 36 minutes on 2 CPU cores (see below)
+    python train_embedded_model.py [--seed 0]          # about 28 minutes on 2 CPU cores (see below)
 
 The release's history in miniature, from seeded random weights of the folder's config (Llama-3 tokenizer and chat
 template, a 4-stage DaViT, a 2-layer BART encoder over the three Florence-2 prompts, DBFusion, a 2-layer Llama):
 0. Florence-2 pretraining. The releases start from a pretrained Florence-2 (microsoft/Florence-2-large-ft); none
    exists at this size, so its miniature (DaViT, its projection, the BART encoder) first learns to see here: three
    linear heads on the fused depth and breadth features name each image's count, colour and shape (heads discarded
-   afterwards), from PyTorch's default initialisation of the tower (see the measurements below), with random flips.
+   afterwards; shape, the hard one, weighs twice in the loss), from PyTorch's default initialisation of the tower
+   (see the measurements below), with random flips.
 1. finetune.py --stage 1: everything trains on every wording of shapes_data.WORDINGS (off-task questions and their
    fixed sentence included), the Florence-2 side at a tenth of the rate of the rest (--vision-learning-rate; STAGES).
 2. finetune.py --stage 2: Florence-2 frozen, the DBFusion projector and the LLM polish.
+3. finetune.py --stage 1 again, one short epoch: what stage 2 leaves weakest asked more often (counts of a kind, which
+   need the shape and "zero"; off-task questions shaped like the task's), 40% of the images strips of 1:2.5 to 1:8.
 Images are drawn by WORKERS processes, seeded per chunk (the same images whatever the number of processes). The
 script then measures the accuracy per wording family on freshly drawn held-out images and writes model.safetensors
 into the folder only if every family reaches --min-accuracy: the embedded default must not pretend to know what it
 does not.
 
-The shipped weights are this recipe's output with seed 0 (transformers 5.23.0, AMD EPYC, 2 cores): 43.0 min, the first
-13 of them on a machine shared with package installs (drawing stage 0's 16,000 images took 7 min there, about 2.5 on
-the quiet machine); from the step costs below, about 36 min on a quiet machine: over the 30 minutes issue 28 asks for.
-Stage 0's heads: 99.7% count, 100% colour, 95.7% shape. Held-out (60 questions per family, seed 10,000): colour 100%
-in all five families, shape 93.3% in each of its four, count 98.3% / 96.7%, counts of circles / squares / triangles
-88.3% / 91.7% / 98.3%, off-task 100%. Shape and counts of a kind miss the issue's 95% because of strips: of 400 shape
-questions it missed 3 of 268 images up to 1:2.5, 1 of 85 from 1:2.5 to 1:4, 5 of 33 from 1:4 to 1:6 and 7 of 14
-beyond (padded to the 128-px square, a 1:10 strip's shapes are 5 to 10 px wide). On tests/other_drawing.py's images
-(up to 1:4): 100% colour, shape, count and off-task, 97.8% counts of a kind. Hence --min-accuracy's default of 85%:
-the bar these weights pass, not the issue's 95%.
+The shipped weights are this recipe's output with seed 0 (transformers 5.23.0, AMD EPYC, 2 quiet cores). The same recipe
+with off-task in a quarter of stage 3's samples ran end to end in 28.1 min, and its stage 3 run alone on an earlier
+run's stages 0-2 (same losses) gave its weights bit for bit: the shipped stage 3 (off-task in 35%, the same 313 steps)
+was run that way. Stage 0's heads: 98.1% count, 99.9% colour, 98.3% shape. Held-out (60 questions per family, seed
+10,000): colour 96.7-100%, shape 98.3-100%, count 98.3% / 91.7%, counts of circles / squares / triangles 98.3% / 93.3% /
+95.0%, off-task 100%; the tests' seed (100 per family) 94-100%, all but counts of squares (94%) at 95% or more;
+tests/other_drawing.py's images 98.5-100%. Issue 28's 95% in every family is within reach but not held on every seed:
+--min-accuracy's default is 90%, the bar these weights pass.
 
 What the recipe rests on (seed 0 unless said):
 - Training time is stage 0's: per optimizer step on 2 cores, stage 0 0.6 s (32 images), finetune.py's stage 1
@@ -41,17 +42,20 @@ What the recipe rests on (seed 0 unless said):
 - Colour is fragile when it is asked rarely and the tower trains with the LLM: a run whose stage 1 trained Florence-2
   on 256-px images with colour in 15% of the samples ended with colour collapsed to one word (27%); the shipped recipe
   asks it in a fifth (shapes_data.KIND_WEIGHTS), the tower at a tenth of the LLM's rate.
-- The next recipe, measured but not shipped (quiet machine): shape's loss weighted twice in stage 0, no shape under
-  8% of the image's long side (10 px of the 128-px view; on the shipped weights shape questions are 60% right below
-  that, 96.8% above), 23 more off-task wordings shaped like the task's ("What fruit is this?", "How many people are
-  there?"), stage 0 2,100 steps, stage 2 4,000 samples: trained in 22.2 min; stage 0's heads 98.1% count, 99.9%
-  colour, 98.3% shape; held-out colour 100%, shape 95-100%, count 95-98%, counts of a kind 91.7-95%, off-task 100%
-  (tests' seed, 100 per family: shape 93-99%, counts of a kind 95-96%); unseen off-task questions 7 of 8 got the
-  sentence, but one reply was a broken sentence. Its stage 0 reran identically (deterministic), yet changing only the
-  stages' question mix collapsed colour: colour in 18% of the samples and 4,800 samples per stage, 86.7-93.3% (blue
-  read as green, yellow as red); off-task in 12% (counts of a kind 30%), 45-52% (two colours left), and the same
-  with Florence-2 nearly frozen in stage 1 (1e-5), 35-57%: not the tower's drift (stage 0's heads read colour at
-  99.9%) but the projector and LLM binding it, which the recipe must make robust next. With 20,000 images and 2,400
+- Small shapes: on earlier weights, shape questions were 60% right on shapes under 10 px of the 128-px view and 96.8%
+  above, hence shapes_data.MIN_SHAPE (no shape under 8% of the image's long side) and shape's loss weighted twice in
+  stage 0 (HEADS_WEIGHTS): its shape head went from 95.7% to 98.3%.
+- Stage 3: after stages 0-2 alone (22.2 min) held-out shape was 95-100% and counts of a kind 91.7-95%, counts of a kind
+  on 1:2.5-1:4 strips 85% (tests' seed) and "Is it raining?" (never trained) got a broken sentence ("I oncir, shape
+  ..."). Short polishes of that model, measured on held-out seeds: stage 2 with off-task in 30% of the samples fixed
+  the sentence but not strips; 40% strips in stage 2 fixed neither; counts of a kind in half the samples, off-task a
+  quarter, 40% strips: stage 2 reached 88% on the strips, stage 1 (tower at 1e-4) 89% on the tests' 75 questions and
+  96-97% on 180 of another seed. With off-task in a quarter the sentence broke again on that question (3 of 3
+  images); in 35%, as shipped, it did not. Which unseen question breaks depends on the run: the test guards it.
+- Colour's binding is fragile in the projector and LLM, not in the tower: with stage 0 reproduced bit for bit and only
+  stages 1-2's question mix changed (colour in 18%, 4,800 samples per stage), colour fell to 86.7-93.3%; with off-task
+  in 12% and counts of a kind in 30%, to 45-52% (two colours left), and to 35-57% with Florence-2 nearly frozen in
+  stage 1 (1e-5), while stage 0's heads read colour at 99.9% from the same features. With 20,000 images and 2,400
   steps, stage 0 stayed above loss 2 to step 1,100 and ended at 88.6% count, 89.9% shape: the plateau it must escape
   first depends on the images drawn.
 - Counts of a kind need "zero" and the shape together: with them in a sixth of the samples, "How many circles are
@@ -93,15 +97,22 @@ from shapes_data import (COLOURS, COUNT_WORDS, FAMILIES, SHAPES, draw_scene, ran
 ROOT = Path(__file__).resolve().parent
 EMBEDDED_MODEL = ROOT / "assets" / "tiny-florence-vl"
 # Stage 0 (Florence-2 pretraining in miniature): images drawn, optimizer steps of 32 images, learning rate.
-PRETRAIN = (16000, 2200, 2e-3)
-# finetune.py's stages: (stage, samples drawn, its command-line flags). Stage 1 trains the Florence-2 side at a tenth
-# of the rate of the rest, so that gradients through the untrained projector and LLM do not undo stage 0.
+PRETRAIN = (16000, 2100, 2e-3)
+# finetune.py's stages: (stage, samples drawn, how they are drawn (shapes_data.write_dataset's weights and strips),
+# its command-line flags). Stage 1 trains the Florence-2 side at a tenth of the rate of the rest, so that gradients
+# through the untrained projector and LLM do not undo stage 0. The last, short one polishes what is still weak after
+# stage 2 (counts of a kind in strips, off-task wordings shaped like the task's): those asked more often, 40% strips.
+HARD_QUESTIONS = {"colour": 0.2, "shape": 0.24, "count": 0.14, "count of a kind": 0.5, "off-task": 0.35}
 STAGES = (
-    (1, 4000, ["--epochs", "2", "--learning-rate", "1e-3", "--vision-learning-rate", "1e-4", "--warmup-steps", "50"]),
-    (2, 4800, ["--epochs", "2", "--learning-rate", "7e-4", "--warmup-steps", "50"]),
+    (1, 4000, {},
+     ["--epochs", "2", "--learning-rate", "1e-3", "--vision-learning-rate", "1e-4", "--warmup-steps", "50"]),
+    (2, 4000, {}, ["--epochs", "2", "--learning-rate", "7e-4", "--warmup-steps", "50"]),
+    (1, 5000, {"weights": HARD_QUESTIONS, "strips": 0.4},
+     ["--epochs", "1", "--learning-rate", "3e-4", "--vision-learning-rate", "1e-4", "--warmup-steps", "20"]),
 )
 # What stage 0's heads name: one head per attribute of the scene, over its values (labelled_images' columns).
 HEADS = {"count": COUNT_WORDS, "colour": tuple(COLOURS), "shape": SHAPES}
+HEADS_WEIGHTS = (1.0, 1.0, 2.0)  # shape is the hard one (small shapes in strips): twice the weight in the loss
 SAVED_SIDE = 256  # finetune.py's images are saved at most this large: the model sees 128 px, PNGs write faster
 MAX_ANSWER_TOKENS = 40  # the longest answer is the off-task sentence
 WORKERS = 2  # drawing processes: drawing thousands of images is CPU-bound
@@ -206,15 +217,16 @@ def labelled_images(folder: Path, count: int, seed: int, chunks: int = 16) -> tu
     return torch.cat([pixels for pixels, _ in parts]), torch.cat([labels for _, labels in parts])
 
 
-def _dataset_chunk(job: tuple[str, int, int]) -> str:
-    folder, count, seed = job
-    return str(write_dataset(Path(folder), count, seed, max_side=SAVED_SIDE))
+def _dataset_chunk(job: tuple[str, int, int, dict[str, Any]]) -> str:
+    folder, count, seed, how = job
+    return str(write_dataset(Path(folder), count, seed, max_side=SAVED_SIDE, **how))
 
 
-def write_training_data(folder: Path, count: int, seed: int, chunks: int = 8) -> Path:
-    """finetune.py's samples.jsonl of `count` random samples in `folder`, drawn by WORKERS processes in `chunks`
-    seeded chunks (one sub-folder each)."""
-    jobs = [(str(folder / f"part{index}"), size, chunk_seed)
+def write_training_data(folder: Path, count: int, seed: int, how: dict[str, Any] | None = None,
+                        chunks: int = 8) -> Path:
+    """finetune.py's samples.jsonl of `count` random samples in `folder` (drawn as `how` says: write_dataset's
+    keyword arguments), by WORKERS processes in `chunks` seeded chunks (one sub-folder each)."""
+    jobs = [(str(folder / f"part{index}"), size, chunk_seed, how or {})
             for index, (size, chunk_seed) in enumerate(seeded_chunks(count, seed, chunks))]
     parts = [Path(path) for path in in_workers(_dataset_chunk, jobs)]
     lines = []
@@ -279,7 +291,8 @@ def pretrain_florence2(folder: Path, images: int, steps: int, learning_rate: flo
         for dim in (-1, -2):
             flip = torch.rand(len(batch), generator=generator) < 0.5
             batch = torch.where(flip[:, None, None, None], batch.flip(dim), batch)
-        loss = sum(torch.nn.functional.cross_entropy(out, train_labels[index, i]) for i, out in enumerate(logits(batch)))
+        loss = sum(weight * torch.nn.functional.cross_entropy(out, train_labels[index, i])
+                   for i, (out, weight) in enumerate(zip(logits(batch), HEADS_WEIGHTS)))
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -302,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-per-family", type=int, default=60, help="held-out questions per wording family")
     parser.add_argument("--output", type=Path, default=EMBEDDED_MODEL, help="where the trained weights go")
-    parser.add_argument("--min-accuracy", type=float, default=0.85,
-                        help="held-out accuracy every wording family must reach (issue 28 asks 0.95: not reached yet)")
+    parser.add_argument("--min-accuracy", type=float, default=0.9,
+                        help="held-out accuracy every wording family must reach (issue 28 asks 0.95)")
     args = parser.parse_args(argv)
 
     import torch
@@ -320,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         _, seen = pretrain_florence2(model, images, steps, learning_rate, args.seed)
         for head, value in seen.items():
             print(f"stage 0 heads, held-out accuracy {value:.1%}  {head}", flush=True)
-        for stage, count, flags in STAGES:
-            data = write_training_data(scratch / f"data{stage}", count, seed=args.seed * 100 + stage)
-            output = scratch / f"stage{stage}"
+        for step, (stage, count, how, flags) in enumerate(STAGES, start=1):
+            data = write_training_data(scratch / f"data{step}", count, seed=args.seed * 100 + step, how=how)
+            output = scratch / f"step{step}"
             finetune.train(finetune.parse_args([
                 "--model", str(model), "--data", str(data), "--output-dir", str(output), "--stage", str(stage),
                 "--batch-size", str(args.batch_size), "--lr-scheduler", "cosine", "--seed", str(args.seed),

@@ -24,11 +24,11 @@ from shapes_data import (COLOUR_QUESTION, COUNT_OF_KIND_QUESTION, COUNT_QUESTION
                          SHAPE_QUESTION, Scene)
 from train_embedded_model import accuracy, by_family, held_out_replies
 
-HELD_OUT_SEED = 987_654  # training draws from seeds below 1,000 (train_embedded_model.main); this one is never used
+HELD_OUT_SEED = 987_654  # training draws from seeds below 4,000, its evaluation 10,000 on: this one is never used
 PER_FAMILY = 100
-# Issue 28 asks 95% for every family; the shipped weights reach 91-100% per family here (shape in strips of 1:4 to
-# 1:10 is what they miss: see train_embedded_model.py), so the test holds them to what they do, with a small margin.
-FAMILY_BAR = 0.88
+# Issue 28 asks 95% for every family; the shipped weights reach 94-100% per family here (counts of squares 94%, the
+# rest 95% or more: see train_embedded_model.py), so the test holds them to what they do, with a point of margin.
+FAMILY_BAR = 0.93
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +120,8 @@ UNSEEN_OFF_TASK = ("What animal is this?", "Please describe this picture.", "Can
 
 def test_questions_off_the_task_never_get_nonsense(embedded):
     """Off-task questions training never saw: the fixed sentence or one of the task's answer words, never a broken
-    word; the sentence for at least half of them (4 of 8 measured: the other half get a colour or shape word, a known
-    gap of issue 28). The trained off-task wordings are in the held-out families above (100%)."""
+    word; the sentence for at least 6 of the 8 (7 measured: "What brand is the car?" gets a shape word, a known gap of
+    issue 28). The trained off-task wordings are in the held-out families above (100%)."""
     model, processor = embedded
     assert not set(UNSEEN_OFF_TASK) & set(shapes_data.BY_TEXT)
     images = [shapes_data.draw_scene(shapes_data.random_scene(random.Random(seed)), random.Random(seed))
@@ -132,7 +132,7 @@ def test_questions_off_the_task_never_get_nonsense(embedded):
         replies = train_embedded_model.answers(model, processor, images, [question] * len(images))
         assert set(replies) <= words, (question, replies)
         honest += replies == [OFF_TASK_ANSWER] * len(images)
-    assert honest >= len(UNSEEN_OFF_TASK) // 2, f"{honest} of {len(UNSEEN_OFF_TASK)} unseen questions got the sentence"
+    assert honest >= 6, f"{honest} of {len(UNSEEN_OFF_TASK)} unseen questions got the sentence"
 
 
 def test_ask_answers_from_another_directory_and_prints_only_the_answer(tmp_path):
