@@ -20,11 +20,11 @@ into the folder only if every family reaches --min-accuracy: the embedded defaul
 does not.
 
 The shipped weights are this recipe's output with seed 0 (transformers 5.23.0, AMD EPYC, 2 quiet cores). The same recipe
-with off-task in a quarter of stage 3's samples ran end to end in 28.1 min, and its stage 3 run alone on an earlier
-run's stages 0-2 (same losses) gave its weights bit for bit: the shipped stage 3 (off-task in 35%, the same 313 steps)
-was run that way. Stage 0's heads: 98.1% count, 99.9% colour, 98.3% shape. Held-out (60 questions per family, seed
-10,000): colour 96.7-100%, shape 98.3-100%, count 98.3% / 91.7%, counts of circles / squares / triangles 98.3% / 93.3% /
-95.0%, off-task 100%; the tests' seed (100 per family) 94-100%, all but counts of squares (94%) at 95% or more;
+with off-task in 19% of stage 3's samples ran end to end in 28.1 min, and its stage 3 run alone on an earlier run's
+stages 0-2 (same losses) gave its weights bit for bit: the shipped stage 3 (off-task in 24%, the same 313 steps) was run
+that way. Stage 0's heads: 98.1% count, 99.9% colour, 98.3% shape. Held-out (60 questions per family, seed 10,000):
+colour 96.7-100%, shape 98.3-100%, count 98.3% / 91.7%, counts of circles / squares / triangles 98.3% / 93.3% / 95.0%,
+off-task 100%; the tests' seed (100 per family) 94-100%, all but counts of squares (94%) at 95% or more;
 tests/other_drawing.py's images 98.5-100%. Issue 28's 95% in every family is within reach but not held on every seed:
 --min-accuracy's default is 90%, the bar these weights pass.
 
@@ -47,11 +47,11 @@ What the recipe rests on (seed 0 unless said):
   stage 0 (HEADS_WEIGHTS): its shape head went from 95.7% to 98.3%.
 - Stage 3: after stages 0-2 alone (22.2 min) held-out shape was 95-100% and counts of a kind 91.7-95%, counts of a kind
   on 1:2.5-1:4 strips 85% (tests' seed) and "Is it raining?" (never trained) got a broken sentence ("I oncir, shape
-  ..."). Short polishes of that model, measured on held-out seeds: stage 2 with off-task in 30% of the samples fixed
-  the sentence but not strips; 40% strips in stage 2 fixed neither; counts of a kind in half the samples, off-task a
-  quarter, 40% strips: stage 2 reached 88% on the strips, stage 1 (tower at 1e-4) 89% on the tests' 75 questions and
-  96-97% on 180 of another seed. With off-task in a quarter the sentence broke again on that question (3 of 3
-  images); in 35%, as shipped, it did not. Which unseen question breaks depends on the run: the test guards it.
+  ..."). Short polishes of that model, measured on held-out seeds: stage 2 with off-task in a quarter of the samples
+  fixed the sentence but not strips; adding 40% strips fixed neither; counts of a kind in 38% of the samples, off-task
+  in 19%, 40% strips: stage 2 reached 88% on the strips, stage 1 (tower at 1e-4) 89% on the tests' 75 questions and
+  96-97% on 180 of another seed. With off-task in 19% the sentence broke again on that question (3 of 3 images); in 24%,
+  as shipped, it did not. Which unseen question breaks depends on the run: the test guards it.
 - Colour's binding is fragile in the projector and LLM, not in the tower: with stage 0 reproduced bit for bit and only
   stages 1-2's question mix changed (colour in 18%, 4,800 samples per stage), colour fell to 86.7-93.3%; with off-task
   in 12% and counts of a kind in 30%, to 45-52% (two colours left), and to 35-57% with Florence-2 nearly frozen in
@@ -101,7 +101,8 @@ PRETRAIN = (16000, 2100, 2e-3)
 # finetune.py's stages: (stage, samples drawn, how they are drawn (shapes_data.write_dataset's weights and strips),
 # its command-line flags). Stage 1 trains the Florence-2 side at a tenth of the rate of the rest, so that gradients
 # through the untrained projector and LLM do not undo stage 0. The last, short one polishes what is still weak after
-# stage 2 (counts of a kind in strips, off-task wordings shaped like the task's): those asked more often, 40% strips.
+# stage 2 (counts of a kind in strips, off-task wordings shaped like the task's): those asked more often (relative
+# weights: 35% and 24% of the samples), 40% strips.
 HARD_QUESTIONS = {"colour": 0.2, "shape": 0.24, "count": 0.14, "count of a kind": 0.5, "off-task": 0.35}
 STAGES = (
     (1, 4000, {},
