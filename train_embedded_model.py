@@ -91,8 +91,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from shapes_data import (COLOURS, COUNT_WORDS, FAMILIES, SHAPES, draw_scene, random_question, random_scene,
-                         write_dataset)
+from shapes_data import (COLOURS, COUNT_WORDS, FAMILIES, KIND_WEIGHTS, SHAPES, draw_scene, random_question,
+                         random_scene, write_dataset)
 
 ROOT = Path(__file__).resolve().parent
 EMBEDDED_MODEL = ROOT / "assets" / "tiny-florence-vl"
@@ -101,9 +101,9 @@ PRETRAIN = (16000, 2100, 2e-3)
 # finetune.py's stages: (stage, samples drawn, how they are drawn (shapes_data.write_dataset's weights and strips),
 # its command-line flags). Stage 1 trains the Florence-2 side at a tenth of the rate of the rest, so that gradients
 # through the untrained projector and LLM do not undo stage 0. The last, short one polishes what is still weak after
-# stage 2 (counts of a kind in strips, off-task wordings shaped like the task's): those asked more often (relative
-# weights: 35% and 24% of the samples), 40% strips.
-HARD_QUESTIONS = {"colour": 0.2, "shape": 0.24, "count": 0.14, "count of a kind": 0.5, "off-task": 0.35}
+# stage 2 (counts of a kind in strips, off-task wordings shaped like the task's): those asked more often (KIND_WEIGHTS
+# with them raised: 35% and 24% of the samples), 40% strips.
+HARD_QUESTIONS = {**KIND_WEIGHTS, "count of a kind": 0.5, "off-task": 0.35}
 STAGES = (
     (1, 4000, {},
      ["--epochs", "2", "--learning-rate", "1e-3", "--vision-learning-rate", "1e-4", "--warmup-steps", "50"]),
