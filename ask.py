@@ -25,7 +25,8 @@ EMBEDDED_MODEL = ROOT / "assets" / "tiny-florence-vl"
 EMBEDDED_WEIGHTS = EMBEDDED_MODEL / "model.safetensors"
 EMBEDDED_NOTICE = "No --model given: the embedded tiny model, which knows only coloured shapes (see README)."
 EMBEDDED_SCOPE = ("The embedded tiny model answers questions about images of 1 to 3 circles, squares or triangles of "
-                  "one colour (red, green, blue or yellow) on a light background: their colour, their shape, how many "
+                  "one colour (red, green, blue or yellow) on a light background, each at least a ninth of the longer "
+                  "side of the image and apart from the others: their colour, their shape, how many "
                   "there are, and how many of a kind (\"How many circles are there?\"), asked in everyday wordings. "
                   "To anything else it answers that this is all it knows.")
 

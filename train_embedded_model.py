@@ -22,11 +22,10 @@ does not.
 The shipped weights are this recipe's output with seed 0 (transformers 5.23.0, AMD EPYC, 2 quiet cores). The same recipe
 with off-task in 19% of stage 3's samples ran end to end in 28.1 min, and its stage 3 run alone on an earlier run's
 stages 0-2 (same losses) gave its weights bit for bit: the shipped stage 3 (off-task in 24%, the same 313 steps) was run
-that way. Stage 0's heads: 98.1% count, 99.9% colour, 98.3% shape. Held-out (60 questions per family, seed 10,000):
-colour 96.7-100%, shape 98.3-100%, count 98.3% / 91.7%, counts of circles / squares / triangles 98.3% / 93.3% / 95.0%,
-off-task 100%; the tests' seed (100 per family) 94-100%, all but counts of squares (94%) at 95% or more;
-tests/other_drawing.py's images 98.5-100%. Issue 28's 95% in every family is within reach but not held on every seed:
---min-accuracy's default is 90%, the bar these weights pass.
+that way. Stage 0's heads: 98.1% count, 99.9% colour, 98.3% shape. Held-out, on the task's images
+(shapes_data.MIN_SHAPE and MIN_GAP): 96.7-100% per family at 60 questions per family (seed 10,000), 95-100% at 100
+(the tests' seed; counts of squares 95%) and 96-100% at 100 (seed 31,337); tests/other_drawing.py's images 98.5-100%.
+On images drawn as training draws them (TRAINING_BOUNDS: smaller and closer shapes too) 91.7-100% and 94-100%.
 
 What the recipe rests on (seed 0 unless said):
 - Training time is stage 0's: per optimizer step on 2 cores, stage 0 0.6 s (32 images), finetune.py's stage 1
@@ -43,8 +42,16 @@ What the recipe rests on (seed 0 unless said):
   on 256-px images with colour in 15% of the samples ended with colour collapsed to one word (27%); the shipped recipe
   asks it in a fifth (shapes_data.KIND_WEIGHTS), the tower at a tenth of the LLM's rate.
 - Small shapes: on earlier weights, shape questions were 60% right on shapes under 10 px of the 128-px view and 96.8%
-  above, hence shapes_data.MIN_SHAPE (no shape under 8% of the image's long side) and shape's loss weighted twice in
-  stage 0 (HEADS_WEIGHTS): its shape head went from 95.7% to 98.3%.
+  above, hence no shape under 8% of the image's long side (TRAINING_BOUNDS) and shape's loss weighted twice in
+  stage 0 (HEADS_WEIGHTS): its shape head went from 95.7% to 98.3%. On the shipped weights, counts of two or three
+  shapes were 82-90% right with a shape under 11% of the long side and 98.7% above (536 questions, two seeds), and 5
+  of 9 wrong with gaps under 3 px of the view: hence the task's bounds, shapes_data.MIN_SHAPE and MIN_GAP (14 px and
+  4 px of the view). Drawing the training images within those bounds too stalled stage 0 at chance (loss 4.4-4.8 up
+  to step 1,100, where the shipped run was at 0.55): training keeps drawing beyond them.
+- Stage 3's mix, from the same stages 0-2 (the task's images; tests' seed / seed 10,000 / seed 31,337, lowest family):
+  as shipped 95.0 / 96.7 / 96.0%; counts in 19% of the samples (weight 0.3) 97.0 / 96.7 / 97.0%, but "Is it raining?"
+  got a broken sentence; that with off-task raised back to 24% 97.0 / 93.3% and the example image's count wrong;
+  60% strips 97.0 / 95.0 / 97.0%. Single runs move the lowest family by about 2 points either way.
 - Stage 3: after stages 0-2 alone (22.2 min) held-out shape was 95-100% and counts of a kind 91.7-95%, counts of a kind
   on 1:2.5-1:4 strips 85% (tests' seed) and "Is it raining?" (never trained) got a broken sentence ("I oncir, shape
   ..."). Short polishes of that model, measured on held-out seeds: stage 2 with off-task in a quarter of the samples
@@ -91,8 +98,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from shapes_data import (COLOURS, COUNT_WORDS, FAMILIES, KIND_WEIGHTS, SHAPES, draw_scene, random_question,
-                         random_scene, write_dataset)
+from shapes_data import (COLOURS, COUNT_WORDS, FAMILIES, KIND_WEIGHTS, SHAPES, TRAINING_BOUNDS, draw_scene,
+                         random_question, random_scene, write_dataset)
 
 ROOT = Path(__file__).resolve().parent
 EMBEDDED_MODEL = ROOT / "assets" / "tiny-florence-vl"
@@ -201,7 +208,8 @@ def _labelled_chunk(job: tuple[str, int, int]) -> tuple[Any, Any]:
     scenes = [random_scene(rng) for _ in range(count)]
     # Drawn and preprocessed a few at a time: thousands of full-size images would not fit in memory. The model's own
     # preprocessing (square padding included): stage 0 must see the images as the model will.
-    pixels = torch.cat([processor(images=[draw_scene(scene, rng) for scene in scenes[start:start + 64]],
+    pixels = torch.cat([processor(images=[draw_scene(scene, rng, **TRAINING_BOUNDS)
+                                          for scene in scenes[start:start + 64]],
                                   return_tensors="pt")["pixel_values"] for start in range(0, count, 64)])
     labels = torch.tensor([[scene.count - 1, list(COLOURS).index(scene.colour), SHAPES.index(scene.shape)]
                            for scene in scenes])  # HEADS' order
@@ -316,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-per-family", type=int, default=60, help="held-out questions per wording family")
     parser.add_argument("--output", type=Path, default=EMBEDDED_MODEL, help="where the trained weights go")
-    parser.add_argument("--min-accuracy", type=float, default=0.9,
-                        help="held-out accuracy every wording family must reach (issue 28 asks 0.95)")
+    parser.add_argument("--min-accuracy", type=float, default=0.95,
+                        help="held-out accuracy every wording family must reach (issue 28's bar)")
     args = parser.parse_args(argv)
 
     import torch

@@ -65,6 +65,13 @@ def reference(folder, probe):
     return inputs, sequences, step_logits(model, inputs, sequences)
 
 
+@pytest.fixture(scope="module")
+def float32_answers(folder, probe):
+    """float32's answers to the probe, generated as users generate (stopping at the end of the answer)."""
+    model, processor = load(folder)
+    return train_embedded_model.answers(model, processor, *probe)
+
+
 def linear_kinds(model) -> dict[str, str]:
     """Each Linear-like module's class name, by module name."""
     return {name: type(m).__name__ for name, m in model.named_modules() if "Linear" in type(m).__name__}
@@ -75,20 +82,21 @@ QUANTIZATIONS = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
     "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
 }
-# Measured on the embedded model's trained weights (transformers 4.57.6 and 5.23.0 alike): top-1 agreement / relative
-# logit error int8 100% / 0.0052, nf4 96.9% / 0.022, fp4 99.0% / 0.031; float32 random weights agree on 0.0% of the
+# Measured on the embedded model's trained weights (transformers 5.23.0): top-1 agreement / relative logit error
+# int8 100% / 0.0063, nf4 100% / 0.025, fp4 99.2% / 0.032; float32 random weights agree on 0.0% of the
 # steps. (Its random weights, before training, had flat logits: 99.0% / 58.3% / 31.2% agreement.) Bounds with margin:
 MIN_TOP1_AGREEMENT = {"int8": 0.95, "nf4": 0.9, "fp4": 0.85}
 MAX_RELATIVE_LOGIT_ERROR = {"int8": 0.02, "nf4": 0.08, "fp4": 0.08}
 
 
 @pytest.mark.parametrize("kind", list(QUANTIZATIONS))
-def test_quantized_loading_keeps_florence2_and_lm_head_stays_close_to_float32_and_generates(folder, reference, kind):
+def test_quantized_loading_keeps_florence2_and_lm_head_stays_close_to_float32_and_generates(folder, probe, reference,
+                                                                                            float32_answers, kind):
     import bitsandbytes  # noqa: F401  (the test command installs it: failing to import is a failure, not a skip)
     from transformers import BitsAndBytesConfig
 
-    model, _ = load(folder, quantization_config=BitsAndBytesConfig(**QUANTIZATIONS[kind]), dtype=torch.float32,
-                    device_map="cpu")
+    model, processor = load(folder, quantization_config=BitsAndBytesConfig(**QUANTIZATIONS[kind]), dtype=torch.float32,
+                            device_map="cpu")
     kinds = linear_kinds(model)
     quantized = {name for name, kind_name in kinds.items() if kind_name in ("Linear8bitLt", "Linear4bit")}
     llm_layers = {name for name in kinds if ".language_model.layers." in name}
@@ -105,14 +113,11 @@ def test_quantized_loading_keeps_florence2_and_lm_head_stays_close_to_float32_an
           f"relative logit error {error:.4f}")
     assert agreement >= MIN_TOP1_AGREEMENT[kind]
     assert error <= MAX_RELATIVE_LOGIT_ERROR[kind]
-    with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-    assert generated.shape == sequences.shape
-    # Free-running (KV cache, quantized all the way): measured 91.7% (int8), 90.6% (nf4), 96.9% (fp4) of float32's
-    # tokens; unrelated weights share none of them.
-    same = (generated[:, -NEW_TOKENS:] == sequences[:, -NEW_TOKENS:]).float().mean().item()
-    print(f"{kind}: free-running greedy tokens equal to float32's: {same:.1%}")
-    assert same >= 0.8
+    # Free-running (KV cache, quantized all the way), as users generate: float32's answers, all 8 measured for each
+    # kind; one may differ on another CPU. (Tokens forced past the answer's end are noise: fp4 repeated 77% of them.)
+    replies = train_embedded_model.answers(model, processor, *probe)
+    print(f"{kind}: answers {replies}, float32's {float32_answers}")
+    assert sum(a == b for a, b in zip(replies, float32_answers)) >= len(float32_answers) - 1, (replies, float32_answers)
 
 
 def test_an_unrelated_model_agrees_far_less(folder, reference, tmp_path):
