@@ -183,6 +183,11 @@ def by_family(record: dict[str, Any]) -> tuple[str, str]:
     return record["kind"], record["family"]
 
 
+def by_kind(record: dict[str, Any]) -> str:
+    """Group records by kind of question."""
+    return record["kind"]
+
+
 def seeded_chunks(count: int, seed: int, chunks: int) -> list[tuple[int, int]]:
     """`count` split into `chunks` near-equal non-empty parts, each with its own seed: (size, seed) pairs whose images
     do not depend on how many processes draw them."""
@@ -377,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             from model_folder import derived_card, write_model_folder
 
             shutil.copytree(model, args.output, dirs_exist_ok=True)
-            kinds = accuracy(records, lambda record: record["kind"])
+            kinds = accuracy(records, by_kind)
             what = f"Trained from random weights by train_embedded_model.py (seed {args.seed}); held-out accuracy: " + (
                 ", ".join(f"{value:.0%} for {kind} questions" for kind, value in kinds.items()))
             write_model_folder(args.output, processor, derived_card(str(EMBEDDED_MODEL), "Florence-VL tiny", what))

@@ -22,7 +22,7 @@ import shapes_data
 import train_embedded_model
 from shapes_data import (COLOUR_QUESTION, COUNT_OF_KIND_QUESTION, COUNT_QUESTION, FAMILIES, KINDS, OFF_TASK_ANSWER,
                          SHAPE_QUESTION, Scene)
-from train_embedded_model import accuracy, by_family, held_out_replies
+from train_embedded_model import accuracy, by_family, by_kind, held_out_replies
 
 HELD_OUT_SEED = 987_654  # training draws from seeds below 4,000, its evaluation 10,000 on: this one is never used
 PER_FAMILY = 100
@@ -60,7 +60,7 @@ def test_held_out_accuracy_per_wording_family(embedded):
     assert set(scores) == set(FAMILIES)
     low = {family: value for family, value in scores.items() if value < FAMILY_BAR}
     assert not low, (low, mistakes(records)[:20])
-    kinds = accuracy(records, lambda record: record["kind"])  # 97.5-100% measured (300-500 questions each)
+    kinds = accuracy(records, by_kind)  # 97.5-100% measured (300-500 questions each)
     assert min(kinds.values()) >= 0.95, kinds
 
 
@@ -69,7 +69,7 @@ def test_images_of_another_drawing_program(embedded):
     90% per kind of question, so that the model learnt the task and not shapes_data.py's drawing."""
     model, processor = embedded
     records = held_out_replies(model, processor, PER_FAMILY // 2, seed=HELD_OUT_SEED + 2, draw=other_drawing.draw)
-    scores = accuracy(records, lambda record: record["kind"])
+    scores = accuracy(records, by_kind)
     print(scores)
     assert set(scores) == set(KINDS)
     low = {kind: value for kind, value in scores.items() if value < 0.9}
@@ -81,7 +81,7 @@ def test_elongated_images_up_to_1_to_4_are_answered_as_well(embedded):
     model, processor = embedded
     records = held_out_replies(model, processor, PER_FAMILY // 4, seed=HELD_OUT_SEED + 1,
                                size=lambda rng: shapes_data.elongated_size(rng, 2.5, 4.0))
-    scores = accuracy(records, lambda record: record["kind"])
+    scores = accuracy(records, by_kind)
     print(scores)
     low = {kind: value for kind, value in scores.items() if value < 0.9}
     assert not low, (low, mistakes(records)[:20])

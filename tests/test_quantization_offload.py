@@ -56,9 +56,15 @@ def step_logits(model, inputs, sequences) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def reference(folder, probe):
-    """float32: the inputs, greedy continuations and their step logits, which the other loadings are held to."""
-    model, processor = load(folder)
+def float32_model(folder):
+    """The float32 model and processor, which the other loadings are held to."""
+    return load(folder)
+
+
+@pytest.fixture(scope="module")
+def reference(float32_model, probe):
+    """float32: the inputs, greedy continuations and their step logits."""
+    model, processor = float32_model
     inputs = train_embedded_model.chat_batch(processor, *probe)
     with torch.no_grad():
         sequences = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
@@ -66,10 +72,9 @@ def reference(folder, probe):
 
 
 @pytest.fixture(scope="module")
-def float32_answers(folder, probe):
+def float32_answers(float32_model, probe):
     """float32's answers to the probe, generated as users generate (stopping at the end of the answer)."""
-    model, processor = load(folder)
-    return train_embedded_model.answers(model, processor, *probe)
+    return train_embedded_model.answers(*float32_model, *probe)
 
 
 def linear_kinds(model) -> dict[str, str]:
