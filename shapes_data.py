@@ -41,6 +41,7 @@ MIN_SIDE, MAX_SIDE = 100, 1000  # image sides in pixels
 MIN_SHAPE, MIN_GAP = 0.11, 0.03
 # Training draws beyond the task, down to 8% of the long side and 3-px gaps: harder images than the task promises.
 TRAINING_BOUNDS = {"min_shape": 0.08, "min_gap": 0.0}
+MAX_SHAPE = 0.8  # of the image's short side: the largest a shape grows, and the floor in strips too thin for MIN_SHAPE
 BACKGROUND = (205, 255)  # light shades, per channel, at most 25 apart so that they stay greyish
 OFF_TASK_ANSWER = "I only know the colour, shape and number of the shapes in an image."
 
@@ -193,13 +194,13 @@ def draw_scene(scene: Scene, rng: random.Random, size: tuple[int, int] | None = 
         else:
             width, height = size
         # Shapes scale with the short side; three of them must fit, so they are smaller when there are more. An
-        # elongated image has room along its long side: its shapes grow, up to 0.8 of the short side, and none is
-        # under `min_shape` of the long side (or 0.8 of the short side, in strips too thin for that), so that none
-        # shrinks to a few pixels once the image is padded to a square.
+        # elongated image has room along its long side: its shapes grow, up to MAX_SHAPE of the short side, and none
+        # is under `min_shape` of the long side (or MAX_SHAPE of the short side, in strips too thin for that), so that
+        # none shrinks to a few pixels once the image is padded to a square.
         low, high = {1: (0.2, 0.75), 2: (0.18, 0.5), 3: (0.15, 0.38)}[scene.count]
         short, long = min(width, height), max(width, height)
-        grow = min(long / short, 0.8 / high)
-        floor = min(long * min_shape, short * 0.8)
+        grow = min(long / short, MAX_SHAPE / high)
+        floor = min(long * min_shape, short * MAX_SHAPE)
         sizes = [int(max(short * rng.uniform(low * grow, high * grow), floor)) for _ in range(scene.count)]
         corners = _place(rng, width, height, sizes, min_gap)
         if corners is not None:
