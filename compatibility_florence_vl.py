@@ -3,14 +3,19 @@
 Shipped next to the model files: transformers copies relatively imported remote-code files along.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: transformers 4.57's processor tests read `Unpack[...]` off __call__'s
+# signature (the 4.x processor base's below).
 import json
 import os
-from typing import Any, Optional
+import re
+from typing import Any, Union
 
 import transformers
+from PIL import Image
+from transformers import PretrainedConfig
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 
 IS_TRANSFORMERS_4 = transformers.__version__.startswith("4.")
 
@@ -35,9 +40,38 @@ def with_legacy_rope_keys(text_config: dict[str, Any]) -> dict[str, Any]:
     return {**text_config, "rope_theta": rope["rope_theta"], "rope_scaling": scaling}
 
 
+class ConfigBase(PretrainedConfig):
+    """PretrainedConfig whose JSON both versions read: 5.x writes the LLM's rope settings as `rope_parameters` only,
+    which 4.57 drops silently, so the 4.x keys are written beside them (`with_legacy_rope_keys`)."""
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """JSON as transformers writes it, plus the LLM's rope settings in 4.x form in text_config; `to_dict` stays
+        transformers' own."""
+        data = json.loads(super().to_json_string(use_diff=use_diff))
+        if isinstance(data.get("text_config"), dict):
+            data["text_config"] = with_legacy_rope_keys(data["text_config"])
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def with_dtype(config: dict[str, Any], dtype_name: str) -> dict[str, Any]:
+    """A saved config's JSON with the weights' dtype under the key both versions read: 4.57 reads `torch_dtype` only,
+    5.x writes `dtype` and reads `torch_dtype` as its deprecated alias."""
+    return {**{k: v for k, v in config.items() if k != "dtype"}, "torch_dtype": dtype_name}
+
+
 # ---------------------------------------------------------------------------------------------------------- model
-# 5.x's DaViT returns a ModelOutput and records hidden states/attentions; 4.x returns the bare (B, C, H, W) grid.
-TOWER_RETURNS_MODEL_OUTPUT = not IS_TRANSFORMERS_4
+def run_vision_tower(tower: Any, pixel_values: Any, **kwargs) -> BaseModelOutputWithPooling:
+    """The DaViT tower's output as a ModelOutput: 5.x's tower returns one and records hidden states/attentions; 4.x's
+    returns the bare (B, C, H, W) grid and records neither."""
+    if IS_TRANSFORMERS_4:
+        return BaseModelOutputWithPooling(last_hidden_state=tower(pixel_values))
+    return tower(pixel_values, **kwargs)
+
+
+def image_features_tensor(features: Any) -> Any:
+    """Native Florence-2's `get_image_features` result as a tensor: 5.x returns a ModelOutput (`pooler_output`), 4.x
+    the tensor itself."""
+    return features if IS_TRANSFORMERS_4 else features.pooler_output
 
 
 def keep_in_fp32_names(names: list[str], prefix: str) -> list[str]:
@@ -53,6 +87,11 @@ def is_decode_step(kwargs: dict[str, Any]) -> bool:
     return cache_position is not None and kwargs.get("use_cache", True) and int(cache_position[0]) != 0
 
 
+# ---------------------------------------------------------------------------------------------------------- training
+# TrainingArguments' name for gradient checkpointing: 5.x renamed it (the old name warns on every run).
+CHECKPOINTING_ARGUMENT = "gradient_checkpointing" if IS_TRANSFORMERS_4 else "activation_checkpointing"
+
+
 # ---------------------------------------------------------------------------------------------------------- processor
 # The PIL backend of the stock Llava image processor: the only backend measured to equal the original bit for bit.
 # 5.x names it `LlavaImageProcessorPil` (plain `LlavaImageProcessor` is torchvision-based there and is what
@@ -62,14 +101,6 @@ try:
 except ImportError:
     from transformers import LlavaImageProcessor as PilImageProcessor
 
-# 4.x processors must declare their parts; 5.x infers them from __init__ (and warns that these are deprecated).
-PROCESSOR_PARTS: dict[str, Any] = (
-    {"attributes": ["image_processor", "tokenizer"], "image_processor_class": "AutoImageProcessor",
-     "tokenizer_class": "AutoTokenizer"}
-    if IS_TRANSFORMERS_4 else {}
-)
-
-
 def pil_image_processor(image_processor: Any) -> Any:
     """The same settings on the PIL backend (5.x's AutoImageProcessor returns the torchvision one when it can)."""
     if image_processor is None or type(image_processor) is PilImageProcessor:
@@ -78,62 +109,99 @@ def pil_image_processor(image_processor: Any) -> Any:
     return PilImageProcessor(**settings)
 
 
-def expand_image_tokens(
-    processor: Any, texts: list[str], replacements: list[str], return_offsets: bool
-) -> tuple[list[str], Optional[list[list[dict[str, Any]]]]]:
-    """Each image token replaced by its image's text; 5.x's ProcessorMixin also reports where (replacement offsets,
-    which its apply_chat_template uses to place assistant masks). 4.x has no such protocol."""
-    if not IS_TRANSFORMERS_4:
-        if not replacements:
-            return texts, [[] for _ in texts]
-        return processor.get_text_with_replacements(list(texts), replacements)
-    if return_offsets:
-        raise ValueError("return_text_replacement_offsets needs transformers 5.x.")
-    return [t.replace(processor.image_token, processor.replace_image_token({}, 0)) for t in texts], None
+class _Processor5x(ProcessorMixin):
+    """5.x's ProcessorMixin, whose call Florence-VL's processor uses as it is; only saving differs."""
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], *args, **kwargs) -> Any:
+        """Save, then rewrite the few fields 5.x writes that 4.57 cannot read (folders must load under both)."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        make_loadable_by_4x(str(save_directory))
+        return result
 
 
-def offsets_in_prompt(
-    offset_mapping: list[list[tuple[int, int]]], texts: list[str], image_token: str, expansion: str
-) -> list[list[tuple[int, int]]]:
-    """4.x only: token offsets moved from the expanded text back to the text the caller passed (a token inside an
-    image's expansion gets the placeholder's span). 4.57's apply_chat_template places assistant masks with these
-    offsets and does not know the text was expanded; 5.x corrects them itself with the replacement offsets."""
-    if not IS_TRANSFORMERS_4:
-        return offset_mapping
-    grown = len(expansion) - len(image_token)
-    moved = []
-    for offsets, text in zip(offset_mapping, texts):
-        starts = [i for i in range(len(text)) if text.startswith(image_token, i)]
-        spans = [(s + k * grown, s + k * grown + len(expansion), s) for k, s in enumerate(starts)]
+class _Processor4x(ProcessorMixin):
+    """4.57's ProcessorMixin, completed with what Florence-VL's processor takes from 5.x's: declared parts (5.x infers
+    them from __init__) and 5.x's call, which 4.57 lacks (its call runs each part alone and expands no placeholder).
+    The processor's own hooks (`prepare_inputs_layout`, `validate_inputs`, `replace_image_token`,
+    `_check_special_mm_tokens`) run here in the order 5.x runs them."""
+
+    attributes = ["image_processor", "tokenizer"]
+    image_processor_class = "AutoImageProcessor"
+    tokenizer_class = "AutoTokenizer"
+
+    def __call__(self, images: Any = None, text: Any = None, **kwargs: Unpack[ProcessingKwargs]) -> BatchFeature:
+        """Preprocess `images`, expand each image placeholder of `text` and tokenize it, as 5.x's mixin does (other
+        modalities as keyword arguments only: 4.57's conformance tests take a `videos` parameter for video support)."""
+        videos, audio = kwargs.pop("videos", None), kwargs.pop("audio", None)
+        images, text, _, _ = self.prepare_inputs_layout(images=images, text=text, videos=videos, audio=audio, **kwargs)
+        self.validate_inputs(images=images, text=text)
+        merged = self._merge_kwargs(self.valid_processor_kwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs,
+                                    **kwargs)
+        text_kwargs, image_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        # 4.x routes this one to text_kwargs; 5.x reports where placeholders were replaced, 4.x has no such protocol.
+        return_mm_token_type_ids = text_kwargs.pop("return_mm_token_type_ids", kwargs.get("return_mm_token_type_ids"))
+        if kwargs.get("return_text_replacement_offsets"):
+            raise ValueError("return_text_replacement_offsets needs transformers 5.x.")
+        # A common kwarg: _merge_kwargs puts it in both; the tensors are built once, at the end.
+        image_return_tensors = image_kwargs.pop("return_tensors", None)
+        return_tensors = text_kwargs.pop("return_tensors", None) or image_return_tensors
+        data: dict[str, Any] = {}
+        if images:
+            # Known layout: 4.57 otherwise guesses the channel axis of a 1x1 image wrongly.
+            if all(isinstance(image, Image.Image) for image in images):
+                image_kwargs.setdefault("input_data_format", "channels_last")
+            data.update(self.image_processor(images, **image_kwargs))
+        if text is not None:
+            replacements = [self.replace_image_token(data, index) for index in range(len(images or []))]
+            expanded, spans = self._expand_placeholders(text, replacements)
+            encoding = self.tokenizer(expanded, return_token_type_ids=False, **text_kwargs)
+            self._check_special_mm_tokens(expanded, encoding, modalities=["image"])
+            if "offset_mapping" in encoding:
+                encoding["offset_mapping"] = [self._offsets_in_caller_text(offsets, text_spans)
+                                              for offsets, text_spans in zip(encoding["offset_mapping"], spans)]
+            data.update(encoding)
+            if return_mm_token_type_ids:
+                data["mm_token_type_ids"] = [[int(i == self.image_token_id) for i in ids] for ids in data["input_ids"]]
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _expand_placeholders(self, texts: list[str], replacements: list[str]) -> tuple[list[str], list[list[tuple]]]:
+        """Each image token replaced by its image's text, in order, and where: (old start, old end, new start,
+        new end) per placeholder."""
+        queue, expanded, spans = iter(replacements), [], []
+        for text in texts:
+            pieces, found, last, grown = [], [], 0, 0
+            for match in re.finditer(re.escape(self.image_token), text):
+                replacement = next(queue)
+                pieces += [text[last:match.start()], replacement]
+                found.append((match.start(), match.end(), match.start() + grown,
+                              match.start() + grown + len(replacement)))
+                grown += len(replacement) - len(match.group())
+                last = match.end()
+            expanded.append("".join(pieces) + text[last:])
+            spans.append(found)
+        return expanded, spans
+
+    @staticmethod
+    def _offsets_in_caller_text(offsets: list[tuple[int, int]], spans: list[tuple]) -> list[tuple[int, int]]:
+        """Token offsets moved from the expanded text back to the caller's (a token inside an image's expansion gets
+        the placeholder's span): 4.57's apply_chat_template places assistant masks with them, not knowing the text
+        was expanded; 5.x corrects them itself with the replacement offsets."""
 
         def back(char: int, end: bool) -> int:
             shift = 0
-            for new_start, new_end, old_start in spans:
+            for old_start, old_end, new_start, new_end in spans:
                 if char < new_start or (end and char == new_start):
                     break
                 if char < new_end or (end and char == new_end):
-                    return old_start + (len(image_token) if end else 0)
-                shift += grown
+                    return old_end if end else old_start
+                shift = new_end - old_end
             return char - shift
 
-        moved.append([(back(a, False), back(b, True)) if b > a else (a, b) for a, b in offsets])
-    return moved
+        return [(back(a, False), back(b, True)) if b > a else (a, b) for a, b in offsets]
 
 
-def output_flags(merged: dict[str, Any], passed: dict[str, Any]) -> tuple[Any, Any]:
-    """`return_mm_token_type_ids` and `return_text_replacement_offsets` wherever this transformers routed them: 5.x to
-    the top level of the merged kwargs, 4.x the first to text_kwargs (and the second nowhere)."""
-    text_kwargs = merged["text_kwargs"]
-    return tuple(text_kwargs.pop(key, merged.get(key, passed.get(key)))
-                 for key in ("return_mm_token_type_ids", "return_text_replacement_offsets"))
-
-
-def batch_feature(data: dict[str, Any], return_tensors: Optional[str]) -> BatchFeature:
-    """The processor's output; 5.x's BatchFeature must be told to leave the replacement offsets (a list of dicts, which
-    only 5.x produces) unconverted."""
-    if "text_replacement_offsets" in data:
-        return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=["text_replacement_offsets"])
-    return BatchFeature(data=data, tensor_type=return_tensors)
+# The base of FlorenceVLProcessor, chosen once.
+ProcessorBase = _Processor4x if IS_TRANSFORMERS_4 else _Processor5x
 
 
 def make_loadable_by_4x(folder: str) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Optional, Union
 
 from transformers import AutoConfig, BartConfig, Florence2VisionConfig, PretrainedConfig
 
-from .compatibility_florence_vl import with_legacy_rope_keys
+from .compatibility_florence_vl import ConfigBase
 
 # The three Florence-2 task prompts of the release, in release order, with the BART token ids the original
 # hard-codes (right-padded to 14 with the BART pad id 1).
@@ -93,7 +92,7 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_florence_vl.FlorenceVLForConditionalGeneration",
 }
 
-class FlorenceVLConfig(PretrainedConfig):
+class FlorenceVLConfig(ConfigBase):
     """Configuration of [`FlorenceVLForConditionalGeneration`].
 
     Args:
@@ -179,7 +178,7 @@ class FlorenceVLConfig(PretrainedConfig):
         self.image_seq_length = image_seq_length
         self.keep_in_fp32_modules = list(FULL_PRECISION_MODULES if keep_in_fp32_modules is None else keep_in_fp32_modules)
         self._validate_dbfusion()
-        # transformers 5.x decides weight tying from the top-level flag.
+        # Tying follows the LLM's own flag, given at the top level where transformers reads it.
         if tie_word_embeddings is None:
             tie_word_embeddings = getattr(text_config, "tie_word_embeddings", False)
         kwargs["auto_map"] = {**AUTO_MAP, **kwargs.get("auto_map", {})}
@@ -217,14 +216,6 @@ class FlorenceVLConfig(PretrainedConfig):
     def breadth_prompts(self) -> list[str]:
         """The prompt tasks that DBFusion uses, in fusion order (each runs through the encoder once per image)."""
         return [name for name in self.fused_features if name != DEPTH_FEATURE]
-
-    def to_json_string(self, use_diff: bool = True) -> str:
-        """JSON as transformers writes it, plus the LLM's rope settings in 4.x form (`rope_theta`/`rope_scaling`)
-        in text_config, so that transformers 4.57 reads folders saved by 5.x; `to_dict` stays transformers' own."""
-        data = json.loads(super().to_json_string(use_diff=use_diff))
-        if isinstance(data.get("text_config"), dict):
-            data["text_config"] = with_legacy_rope_keys(data["text_config"])
-        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 FlorenceVLConfig.register_for_auto_class()

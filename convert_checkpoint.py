@@ -31,10 +31,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 
-from cli_common import looks_like_hub_id, register_model_package  # noqa: E402
+from cli_common import ScriptParser, looks_like_hub_id, register_model_package  # noqa: E402
 from model_folder import write_model_folder  # noqa: E402
 
 register_model_package()
+from florence_vl.compatibility_florence_vl import with_dtype  # noqa: E402
 from florence_vl.configuration_florence_vl import (  # noqa: E402
     FLORENCE2_LARGE_ENCODER,
     FLORENCE2_LARGE_VISION,
@@ -775,13 +776,10 @@ def model_card(model_type: str, src: str, config: FlorenceVLConfig, parameters: 
 
 
 def write_config(config: FlorenceVLConfig, folder: Path, dtype_name: str) -> None:
-    """config.json (legacy rope keys included by FlorenceVLConfig.to_dict), with the dtype under both key names."""
+    """config.json (legacy rope keys included by FlorenceVLConfig.to_json_string), with the weights' dtype."""
     config.save_pretrained(str(folder))
     path = folder / "config.json"
-    data = json.loads(path.read_text())
-    data.pop("dtype", None)
-    data["torch_dtype"] = dtype_name  # read by 4.57 and (as a deprecated alias) by 5.x
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(with_dtype(json.loads(path.read_text()), dtype_name), indent=2, sort_keys=True) + "\n")
 
 
 # -------------------------------------------------------------------------------------------------------------- main
@@ -880,7 +878,7 @@ def convert(src: str, out: Optional[str], vision_tower: Optional[str] = None, dt
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command-line arguments."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="release folder or Hub id (llava_llama 8B or llava_phi 3B)")
     parser.add_argument("out", nargs="?", help="output folder (must not exist or be empty; optional with --dry-run)")
     parser.add_argument("--vision-tower", help="Florence-2 tower folder or Hub id (overrides the shards' tower)")

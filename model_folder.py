@@ -2,7 +2,8 @@
 train_embedded_model.py's, the benchmarks') is a complete Hub repo that loads when copied alone: weights and config,
 processor (tokenizer, chat template, image processor), the remote-code files themselves (never links), a card with
 Hub metadata, and the example image its card opens. The shipped folder assets/tiny-florence-vl holds the same files,
-its code as links to the root's so that it cannot drift (an upload sends the files they point to)."""
+its code as copies of the root's (people copy, zip and upload folders with tools that drop or break links); a test
+keeps them byte-equal."""
 
 from __future__ import annotations
 
@@ -28,15 +29,22 @@ def write_model_folder(folder: Path, processor: Any, card: str, model: Optional[
     if model is not None:
         model.save_pretrained(str(folder))
     processor.save_pretrained(str(folder))
-    for name in REMOTE_CODE_FILES:
-        target = folder / name
-        if target.is_symlink():
-            target.unlink()
-        shutil.copyfile(ROOT / name, target)  # the files, not links: the folder travels alone
+    copy_remote_code(folder)
     (folder / "README.md").write_text(card)
     (folder / "assets").mkdir(exist_ok=True)
     shutil.copyfile(EXAMPLE_IMAGE, folder / "assets" / "example.png")
+    for path in folder.rglob("*.safetensors"):  # written through a temporary file (mode 600): readable like the rest
+        path.chmod(0o644)
     return folder
+
+
+def copy_remote_code(folder: Path) -> None:
+    """The root's remote-code files into `folder`, as files (never links): the folder travels alone."""
+    for name in REMOTE_CODE_FILES:
+        target = Path(folder) / name
+        if target.is_symlink():
+            target.unlink()
+        shutil.copyfile(ROOT / name, target)
 
 
 def derived_card(base: str, title: str, what: str) -> str:

@@ -22,7 +22,7 @@ from transformers.models.florence2.modeling_florence2 import (
 )
 from transformers.utils import can_return_tuple
 
-from .compatibility_florence_vl import TOWER_RETURNS_MODEL_OUTPUT, is_decode_step, keep_in_fp32_names
+from .compatibility_florence_vl import is_decode_step, keep_in_fp32_names, run_vision_tower
 from .configuration_florence_vl import DEPTH_FEATURE, FlorenceVLConfig
 
 
@@ -118,10 +118,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         layer-normed; `last_hidden_state` is the DaViT grid as (images, tokens, channels)."""
         self._check_pixel_values(pixel_values)
         tower_dtype = self.vision_tower.convs[0].conv.weight.dtype
-        if TOWER_RETURNS_MODEL_OUTPUT:
-            tower = self.vision_tower(pixel_values.to(tower_dtype), **kwargs)
-        else:  # transformers 4.x: the tower returns its grid only and records no hidden states or attentions
-            tower = BaseModelOutputWithPooling(last_hidden_state=self.vision_tower(pixel_values.to(tower_dtype)))
+        tower = run_vision_tower(self.vision_tower, pixel_values.to(tower_dtype), **kwargs)
         grid = tower.last_hidden_state
         return BaseModelOutputWithPooling(
             last_hidden_state=grid.flatten(2).transpose(1, 2),

@@ -374,7 +374,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: below --min-accuracy {args.min_accuracy:.0%}: weights NOT written", file=sys.stderr)
             return 1
         if args.output.resolve() == EMBEDDED_MODEL.resolve():
-            # The shipped folder keeps its card, code links and processor: only its weights change, whole or not at all.
+            # The shipped folder keeps its card and processor: its weights change, whole or not at all, and its code
+            # files are refreshed from the root's.
+            from model_folder import copy_remote_code
+
+            copy_remote_code(args.output)
             shutil.copy(model / "model.safetensors", args.output / "model.safetensors.partial")
             os.chmod(args.output / "model.safetensors.partial", 0o644)
             (args.output / "model.safetensors.partial").replace(args.output / "model.safetensors")

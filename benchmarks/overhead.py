@@ -30,6 +30,7 @@ import benchmark  # benchmarks/benchmark.py: sizes, random models, the step cloc
 import torch
 from transformers import AutoModelForCausalLM, Florence2ForConditionalGeneration
 
+from florence_vl.compatibility_florence_vl import image_features_tensor
 from florence_vl.modeling_florence_vl import FlorenceVLForConditionalGeneration
 
 Arm = Callable[[], float]
@@ -96,8 +97,7 @@ def native_florence2(model: FlorenceVLForConditionalGeneration) -> Florence2ForC
 def native_encoding(native: Florence2ForConditionalGeneration, pixel_values: torch.Tensor,
                     prompt_ids: torch.LongTensor) -> torch.Tensor:
     """Native Florence-2: image features once, then the encoder over [image ; prompt] for every image and prompt."""
-    image = native.model.get_image_features(pixel_values)
-    image = getattr(image, "pooler_output", image)  # transformers 4.x returns the tensor
+    image = image_features_tensor(native.model.get_image_features(pixel_values))
     prompts = native.get_input_embeddings()(prompt_ids).to(image.dtype)
     images, tokens = image.shape[:2]
     embeds = torch.cat([image.repeat_interleave(len(prompts), 0), prompts.repeat(images, 1, 1)], dim=1)

@@ -16,12 +16,12 @@ import tempfile
 import unittest
 from unittest import mock
 
-import pytest
 import torch
 import transformers
 
 from conftest import ROOT, tiny_processor
 
+from florence_vl.compatibility_florence_vl import IS_TRANSFORMERS_4
 from florence_vl.configuration_florence_vl import FlorenceVLConfig
 from florence_vl.modeling_florence_vl import FlorenceVLForConditionalGeneration, FlorenceVLModel
 from florence_vl.processing_florence_vl import FlorenceVLProcessor
@@ -38,7 +38,6 @@ from transformers_common_tests.test_configuration_common import ConfigTester  # 
 from transformers_common_tests.test_modeling_common import ModelTesterMixin, floats_tensor, ids_tensor  # noqa: E402
 from transformers_common_tests.test_processing_common import ProcessorTesterMixin  # noqa: E402
 
-IS_4X = transformers.__version__.startswith("4.")
 
 
 def skipped(reason: str):
@@ -181,7 +180,7 @@ class FlorenceVLProcessorTest(ProcessorTesterMixin, unittest.TestCase):
         "which a reloaded copy does not hold (native processors have none); test_processor.py checks the saved folder "
         "and the reloaded processor")
 
-    if IS_4X:  # 5.x reads the lengths from the attributes above; 4.57's test bodies hard-code them
+    if IS_TRANSFORMERS_4:  # 5.x reads the lengths from the attributes above; 4.57's test bodies hard-code them
         test_kwargs_overrides_default_tokenizer_kwargs = test_structured_kwargs_nested = skipped(TOO_SHORT)
         test_structured_kwargs_nested_from_dict = test_tokenizer_defaults_preserved_by_kwargs = skipped(TOO_SHORT)
         test_unstructured_kwargs = test_unstructured_kwargs_batched = skipped(TOO_SHORT)
@@ -201,7 +200,7 @@ class FlorenceVLProcessorTest(ProcessorTesterMixin, unittest.TestCase):
         return {"chat_template": processor.chat_template, "image_token": processor.image_token}
 
     def setUp(self) -> None:
-        if IS_4X:
+        if IS_TRANSFORMERS_4:
             self.tmpdirname = tempfile.mkdtemp()
             self.addCleanup(shutil.rmtree, self.tmpdirname)
             processor = tiny_processor("llama")

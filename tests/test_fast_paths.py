@@ -11,13 +11,13 @@ import sys
 
 import pytest
 import torch
-import transformers
 from conftest import ROOT, TINY_ENCODER, TINY_TEXT, TINY_VISION, tiny_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AttentionInterface, CompileConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from florence_vl.compatibility_florence_vl import IS_TRANSFORMERS_4
 from florence_vl.modeling_florence_vl import FlorenceVLForConditionalGeneration
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -25,7 +25,6 @@ import benchmark  # noqa: E402
 import overhead  # noqa: E402
 
 NEW = 6
-V4 = transformers.__version__.startswith("4.")
 
 
 @pytest.fixture(scope="module", params=["llama", "phi3"])
@@ -70,7 +69,7 @@ def test_traced_static_decode_step_gives_the_dynamic_cache_tokens(model):
     """`compile_config` with fullgraph=True: dynamo must trace the whole decode step (no graph break, hence no
     `.item()`-style host sync in it). The "eager" backend keeps this a tracing test of seconds; inductor on CPU needs
     a C++ build of about a minute (measured equal tokens with it under 5.23, see benchmarks/README.md)."""
-    if V4 and model.config.text_config.model_type == "phi3":
+    if IS_TRANSFORMERS_4 and model.config.text_config.model_type == "phi3":
         pytest.skip("4.57's longrope update branches on torch.max(position_ids) (Phi3ForCausalLM alone breaks too)")
     inputs = prompt(model, seed=2)
     compile_config = CompileConfig(fullgraph=True, backend="eager")

@@ -1,6 +1,6 @@
 """Every folder the project ships is a complete Hub repo: the embedded model, copied alone (links resolved, as an
 upload sends it) to another directory, loads there with the Auto classes, the pipeline and `ask.py --model`, and
-answers; its code is the root's (links, so it cannot drift), its card carries Hub metadata and runs as written.
+answers; its code files are real files, byte-equal to the root's, and a plain `cp -r` of it loads; its card carries Hub metadata and runs as written.
 (The converter's and finetune.py's folders: tests/test_model_card.py and tests/test_finetune.py; vLLM serves such a
 copy in tests/test_vllm.py.)"""
 
@@ -32,9 +32,27 @@ def copied_alone(tmp_path_factory):
     return target
 
 
-def test_shipped_code_is_the_roots():
+def test_shipped_code_is_real_files_equal_to_the_roots():
     for name in REMOTE_CODE_FILES:
-        assert (SHIPPED / name).resolve() == (ROOT / name).resolve(), name
+        shipped = SHIPPED / name
+        assert shipped.is_file() and not shipped.is_symlink(), f"{shipped} must be a file, not a link"
+        assert shipped.read_bytes() == (ROOT / name).read_bytes(), (
+            f"{shipped} differs from the root's {name}: copy it (cp {name} assets/tiny-florence-vl/)")
+    assert not [path.name for path in SHIPPED.rglob("*") if path.is_symlink()]
+
+
+def test_plain_recursive_copy_loads(tmp_path):
+    """`cp -r` (links kept as links) gives a folder that loads, as a zip or `git add` of it would."""
+    target = tmp_path / "tiny-florence-vl-cp-r"
+    subprocess.run(["cp", "-r", str(SHIPPED), str(target)], check=True)
+    script = ("import sys; from transformers import AutoConfig, AutoProcessor; "
+              "c = AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True); "
+              "p = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True); "
+              "print(type(c).__name__, type(p).__name__)")
+    result = subprocess.run([sys.executable, "-c", script, str(target)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env=dict(os.environ, PYTHONPATH=""))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["FlorenceVLConfig", "FlorenceVLProcessor"]
 
 
 def test_card_has_hub_metadata_and_runs_as_written(monkeypatch, capfd):

@@ -15,11 +15,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import convert_checkpoint
+from florence_vl.compatibility_florence_vl import IS_TRANSFORMERS_4
 from florence_vl.configuration_florence_vl import REMOTE_CODE_FILES
 
-IS_V4 = transformers.__version__.startswith("4.")
 # 5.x has no AutoModelForVision2Seq; 4.57 users still reach for it.
-AUTO_CLASS = transformers.AutoModelForVision2Seq if IS_V4 else transformers.AutoModelForImageTextToText
+AUTO_CLASS = transformers.AutoModelForVision2Seq if IS_TRANSFORMERS_4 else transformers.AutoModelForImageTextToText
 FEATURE_TOL, LOGIT_TOL = 1e-8, 1e-5
 IMAGE_INDEX = -200  # the original's image placeholder in input_ids_with_image_index
 

@@ -10,12 +10,12 @@ import re
 import numpy as np
 import pytest
 import torch
-import transformers
 from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import CHAT_TEMPLATES, require_fixture, tiny_processor
 
+from florence_vl.compatibility_florence_vl import IS_TRANSFORMERS_4
 from florence_vl.configuration_florence_vl import IMAGE_TOKENS
 
 FIXTURE = require_fixture()
@@ -494,7 +494,7 @@ def test_mm_token_type_ids_mark_exactly_the_image_tokens(processor):
     assert sum(types) == 2 * IMAGE_SEQ_LENGTH
 
 
-@pytest.mark.skipif(transformers.__version__.startswith("4."), reason="replacement offsets are transformers 5.x's")
+@pytest.mark.skipif(IS_TRANSFORMERS_4, reason="replacement offsets are transformers 5.x's")
 def test_text_replacement_offsets_report_one_replacement_per_image(processor):
     text = f"Look: {LLAMA_IMAGE}\nand {LLAMA_IMAGE}\nnow"
     out = processor(images=[fixture_image(0), fixture_image(1)], text=text, return_text_replacement_offsets=True,
@@ -506,7 +506,7 @@ def test_text_replacement_offsets_report_one_replacement_per_image(processor):
     assert int((out["input_ids"] == processor.image_token_id).sum()) == 2 * IMAGE_SEQ_LENGTH
 
 
-@pytest.mark.skipif(not transformers.__version__.startswith("4."), reason="transformers 4.x only")
+@pytest.mark.skipif(not IS_TRANSFORMERS_4, reason="transformers 4.x only")
 def test_text_replacement_offsets_need_transformers_5(processor):
     with pytest.raises(ValueError, match="needs transformers 5"):
         processor(images=fixture_image(0), text=LLAMA_IMAGE, return_text_replacement_offsets=True)

@@ -9,10 +9,11 @@ in tests/test_trl.py.
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
-from conftest import require_fixture, tiny_processor
+from conftest import require, require_fixture, tiny_processor
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -85,8 +86,8 @@ def lmms_eval_huggingface(processor, chat, image):
 
 def trl_vision_collator(processor, chat, image):
     """TRL 1.16's DataCollatorForVisionLanguageModeling on a conversational sample (its SFTTrainer's collator)."""
-    pytest.importorskip("trl", reason="TRL 1.16 needs huggingface_hub >= 1, which transformers 4.57 refuses; the test "
-                        "command installs it with transformers 5.x (requirements-trl.txt)")
+    require("trl", "TRL 1.16 needs huggingface_hub >= 1, which transformers 4.57 refuses; the test command installs "
+            "it with transformers 5.x (requirements-trl.txt)")
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
     question = chat[0]["content"][1]["text"]
@@ -242,6 +243,16 @@ def test_padding_side_is_the_callers(processor):
 
 
 @pytest.mark.parametrize("name", ["videos", "audio", "audios"])
-def test_other_modalities_are_refused_by_name(processor, name):
-    with pytest.raises(ValueError, match=f"images and text only: got {name}"):
-        processor(text="hi", **{name: [torch.zeros(4)]})
+def test_other_modalities_are_ignored_with_a_warning_naming_them(processor, name):
+    """As ProcessorMixin drops inputs a processor has no part for (transformers' conformance tests pass them all)."""
+    with pytest.warns(UserWarning, match=f"images and text only: the {name} given are ignored"):
+        out = processor(text="hi", **{name: [torch.zeros(4)]})
+    assert dict(out) == dict(processor(text="hi"))
+
+
+@pytest.mark.parametrize("name", ["videos", "audio"])
+def test_empty_other_modalities_pass_silently(processor, name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = processor(text="hi", **{name: [None]})
+    assert dict(out) == dict(processor(text="hi"))
