@@ -58,7 +58,8 @@ def config_footprint(config: Any, name: str) -> Footprint:
 
     with torch.device("meta"):
         model = FlorenceVLForConditionalGeneration(config)
-    total = sum(t.numel() for t in model.state_dict().values())  # parameters and saved buffers
+    # Parameters and saved buffers, each once (tied embeddings are one tensor under two names).
+    total = sum(t.numel() for t in {id(t): t for t in model.state_dict(keep_vars=True).values()}.values())
     quantized = [m for module_name, m in model.model.language_model.named_modules()
                  if isinstance(m, torch.nn.Linear) and ".layers." in f".{module_name}"]
     quantized_params = sum(m.weight.numel() for m in quantized)

@@ -33,10 +33,15 @@ fi
 status=0
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
+# The extras each virtualenv was given above: there a test that needs one fails when it does not import (a broken
+# install is an error, never a skip). TRL and Gradio 6 are the 5.x venv's only (they need huggingface_hub >= 1).
+declare -A required=([tf4]="accelerate selenium" [tf5]="accelerate selenium trl gradio")
 for pair in "tf4:tf5" "tf5:tf4"; do
   this=${pair%%:*} other=${pair##*:}
   echo "=== pytest under $(.venv-$this/bin/python -c 'import transformers; print("transformers", transformers.__version__)')"
-  FLORENCE_VL_OTHER_PYTHON="$PWD/.venv-$other/bin/python" .venv-$this/bin/python -m pytest tests -q -rs -p no:cacheprovider \
+  echo "    required extras: ${required[$this]}"
+  FLORENCE_VL_REQUIRED="${required[$this]}" FLORENCE_VL_OTHER_PYTHON="$PWD/.venv-$other/bin/python" \
+    .venv-$this/bin/python -m pytest tests -q -rs -p no:cacheprovider \
     "$@" 2>&1 | tee "$logs/$this.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
@@ -48,7 +53,8 @@ for this in tf4 tf5; do
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
 echo "=== pytest tests/test_vllm.py under $(.venv-vllm/bin/python -c 'import vllm; print("vLLM", vllm.__version__)')"
-FLORENCE_VL_LMMS_PYTHON="$PWD/.venv-lmms/bin/python" .venv-vllm/bin/python -m pytest tests/test_vllm.py -q -rs -p no:cacheprovider "$@" 2>&1 | tee "$logs/vllm.log"
+echo "    required extras: vllm"
+FLORENCE_VL_REQUIRED="vllm" FLORENCE_VL_LMMS_PYTHON="$PWD/.venv-lmms/bin/python" .venv-vllm/bin/python -m pytest tests/test_vllm.py -q -rs -p no:cacheprovider "$@" 2>&1 | tee "$logs/vllm.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 # Every skip of every run, with its reason, in one place (a skip names something missing that the command cannot
 # install, or a deliberate deviation; never a failure).

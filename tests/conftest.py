@@ -3,6 +3,7 @@ the fixture folder, and tiny Florence-VL configs."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import sys
@@ -95,6 +96,22 @@ def tiny_config(llm: str = "llama", **overrides) -> FlorenceVLConfig:
         image_token_id=TINY_IMAGE_TOKEN_IDS[llm],
         **overrides,
     )
+
+
+# What this run must have (scripts/test.sh names, per virtualenv, the extras it installed there): a missing one is an
+# error, so a broken install never reads as a skip. Elsewhere (a bare `pytest`) a missing extra skips, naming itself.
+REQUIRED = set(os.environ.get("FLORENCE_VL_REQUIRED", "").split())
+
+
+def require(module: str, reason: str):
+    """Import `module`; where it is missing, skip with `reason`, unless this run requires it (then fail)."""
+    if module in REQUIRED:
+        try:
+            return importlib.import_module(module)
+        except ImportError as error:
+            pytest.fail(f"{module} is required in this run (FLORENCE_VL_REQUIRED) but does not import: {error}",
+                        pytrace=False)
+    return pytest.importorskip(module, reason=reason)
 
 
 # ```python blocks of a model card, each optionally preceded by a `<!-- card-test: ... -->` marker.

@@ -18,15 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, require
 
-try:
-    import gradio  # noqa: F401
-except ImportError:
-    pytest.skip("gradio is not installed here: it is installed only in the transformers 5.x venv (Gradio 6 needs "
-                "huggingface_hub>=1, which transformers 4.57 rejects); see requirements-app.txt",
-                allow_module_level=True)
-selenium = pytest.importorskip("selenium", reason="selenium is not installed (requirements-test.txt)")
+require("gradio", "gradio is not installed here: it is installed only in the transformers 5.x venv (Gradio 6 needs "
+        "huggingface_hub>=1, which transformers 4.57 rejects); see requirements-app.txt")
+selenium = require("selenium", "selenium is not installed (requirements-test.txt)")
 
 CHROMIUM = Path(os.environ.get("FLORENCE_VL_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("FLORENCE_VL_CHROMEDRIVER", "/usr/bin/chromedriver"))

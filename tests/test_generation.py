@@ -82,20 +82,36 @@ def test_images_are_encoded_once_per_generate_call(model, monkeypatch):
 
 
 def test_beam_search_matches_greedy_with_one_beam_and_runs_batched(model):
-    ids, pixels = sample(model, [4, 4], 1, seed=6)
-    assert generate(model, ids[None], pixels, num_beams=1).tolist() == generate(model, ids[None], pixels).tolist()
-    beams = generate(model, ids[None].repeat(2, 1), pixels.repeat(2, 1, 1, 1), num_beams=3, num_return_sequences=2)
-    assert beams.shape == (4, NEW)
-    assert (beams < model.config.text_config.vocab_size).all()
+    """One beam is greedy; a batch of two different prompts returns, per prompt, the beams of that prompt alone."""
+    first, first_pixels = sample(model, [4, 4], 1, seed=6)
+    second, second_pixels = sample(model, [3, 5], 1, seed=16)
+    assert generate(model, first[None], first_pixels, num_beams=1).tolist() == generate(model, first[None], first_pixels).tolist()
+    options = {"num_beams": 3, "num_return_sequences": 2}
+    alone = [generate(model, ids[None], pixels, **options).tolist() for ids, pixels in
+             ((first, first_pixels), (second, second_pixels))]
+    beams = generate(model, torch.stack([first, second]), torch.cat([first_pixels, second_pixels]), **options)
+    assert beams.tolist() == alone[0] + alone[1]
+    assert alone[0] != alone[1] and alone[0][0] != alone[0][1]  # distinct prompts and distinct beams
 
 
-def test_sampling_is_reproducible_with_a_seed(model):
+def test_sampling_is_reproducible_with_a_seed_and_samples(model):
+    """The same seed, the same tokens; another seed, other tokens; and not the greedy tokens: it really samples,
+    within the top_k most likely tokens of each step."""
     ids, pixels = sample(model, [4, 4], 1, seed=7)
-    runs = []
-    for _ in range(2):
-        torch.manual_seed(123)
-        runs.append(generate(model, ids[None], pixels, do_sample=True, top_k=20, temperature=0.8).tolist())
+
+    def sampled(seed: int) -> list[int]:
+        torch.manual_seed(seed)
+        return generate(model, ids[None], pixels, do_sample=True, top_k=20, temperature=2.0)[0].tolist()
+
+    runs = [sampled(123), sampled(123), sampled(124)]
     assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+    assert runs[0] != generate(model, ids[None], pixels)[0].tolist()
+    with torch.no_grad():  # every sampled token among the 20 most likely at its step
+        full = torch.cat([ids, torch.tensor(runs[0])])[None]
+        logits = model(input_ids=full, pixel_values=pixels).logits[0, len(ids) - 1 : -1]
+    top = logits.topk(20).indices
+    assert all(token in row.tolist() for token, row in zip(runs[0], top))
 
 
 def test_text_only_generation(model):

@@ -3,6 +3,7 @@ transformers version (the other one runs in a subprocess when FLORENCE_VL_OTHER_
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,16 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import TINY_ENCODER, TINY_TEXT, TINY_VISION, tiny_config
+from conftest import ROOT, TINY_ENCODER, TINY_TEXT, TINY_VISION, require, tiny_config
+from safetensors.torch import load_file
 
-from florence_vl.configuration_florence_vl import FlorenceVLConfig
+from florence_vl.compatibility_florence_vl import IS_TRANSFORMERS_4
+from florence_vl.configuration_florence_vl import REMOTE_CODE_FILES, FlorenceVLConfig
 from florence_vl.modeling_florence_vl import FlorenceVLForConditionalGeneration, FlorenceVLModel
 
-IS_V4 = transformers.__version__.startswith("4.")
 OTHER_PYTHON = os.environ.get("FLORENCE_VL_OTHER_PYTHON")
 REPO_FILES = {"config.json", "configuration_florence_vl.py", "modeling_florence_vl.py", "model.safetensors"}
 
-AUTO_CLASSES = ["AutoModelForImageTextToText", "AutoModelForCausalLM"] + (["AutoModelForVision2Seq"] if IS_V4 else [])
+AUTO_CLASSES = ["AutoModelForImageTextToText", "AutoModelForCausalLM"] + (["AutoModelForVision2Seq"] if IS_TRANSFORMERS_4 else [])
 
 
 def sample_inputs(config, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -45,8 +47,18 @@ def saved(request, tmp_path_factory) -> tuple[Path, FlorenceVLForConditionalGene
 
 
 def test_saved_folder_is_a_remote_code_repo(saved):
-    folder, _ = saved
+    """The files a model's repo needs, the code equal to ours, an auto_map naming our classes, and every weight saved."""
+    folder, model = saved
     assert REPO_FILES <= {p.name for p in folder.iterdir()}
+    for name in set(REMOTE_CODE_FILES) - {"processing_florence_vl.py"}:  # a model's save writes no processor
+        assert (folder / name).read_bytes() == (ROOT / name).read_bytes(), name
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForImageTextToText"] == "modeling_florence_vl.FlorenceVLForConditionalGeneration"
+    assert auto_map["AutoConfig"] == "configuration_florence_vl.FlorenceVLConfig"
+    weights = load_file(str(folder / "model.safetensors"))
+    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.config.tie_word_embeddings}
+    assert set(weights) == set(expected)
+    assert all(torch.equal(weights[k], v) for k, v in expected.items())
 
 
 @pytest.mark.parametrize("auto_class", AUTO_CLASSES)
@@ -69,7 +81,7 @@ def test_auto_model_loads_the_base_model(saved):
 
 
 def test_vision2seq_exists_only_in_v4():
-    assert hasattr(transformers, "AutoModelForVision2Seq") == IS_V4
+    assert hasattr(transformers, "AutoModelForVision2Seq") == IS_TRANSFORMERS_4
 
 
 def test_loading_in_float64_and_with_eager_attention(saved):
@@ -83,7 +95,7 @@ def test_loading_in_float64_and_with_eager_attention(saved):
 
 
 def test_device_map_auto_loads_on_cpu(saved):
-    pytest.importorskip("accelerate")
+    require("accelerate", "accelerate is not installed (requirements.txt)")
     folder, model = saved
     reloaded = transformers.AutoModelForImageTextToText.from_pretrained(
         folder, trust_remote_code=True, device_map="auto"
@@ -169,7 +181,7 @@ def test_folder_saved_by_the_other_version_loads_here(tmp_path, saved):
 def rope_settings(config) -> dict:
     """The LLM's rope settings in the fields this version's models read."""
     text = config.text_config
-    return {"theta": text.rope_theta, **(text.rope_scaling or {})} if IS_V4 else dict(text.rope_parameters)
+    return {"theta": text.rope_theta, **(text.rope_scaling or {})} if IS_TRANSFORMERS_4 else dict(text.rope_parameters)
 
 
 def test_module_cache_stays_in_the_temporary_hf_home():

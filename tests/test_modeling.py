@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 import torch.nn.functional as F
 from conftest import tiny_config
 
+from florence_vl.compatibility_florence_vl import IS_TRANSFORMERS_4
 from florence_vl.modeling_florence_vl import FlorenceVLForConditionalGeneration
 
 SEQ = 577
@@ -40,10 +40,26 @@ def model() -> FlorenceVLForConditionalGeneration:
     return build()
 
 
-def test_image_features_have_one_row_per_visual_token(model):
+def test_image_features_are_the_projected_dbfusion_of_each_image_alone(model):
+    """One row per visual token; each image's rows are its own (a batch of two equals each alone) and are the
+    projector (linear, GELU, linear, GELU, linear) applied to [depth ; breadth of each prompt] in config order."""
+    pixel_values = images(2)
     with torch.no_grad():
-        features = model.get_image_features(images(2)).pooler_output
+        features = model.get_image_features(pixel_values).pooler_output
+        alone = [model.get_image_features(pixel_values[i : i + 1]).pooler_output[0] for i in range(2)]
+        depth = model.model.get_depth_features(pixel_values).pooler_output
+        breadth = model.model.get_breadth_features(depth)
+        hidden = torch.cat([depth, *(breadth[task] for task in model.config.breadth_prompts)], dim=-1)
+        assert hidden.shape[-1] == len(model.config.fused_features) * model.config.vision_config.projection_dim
+        linears = model.model.dbfusion_projector.linears
+        for i, linear in enumerate(linears):
+            hidden = hidden @ linear.weight.T + linear.bias
+            hidden = F.gelu(hidden) if i < len(linears) - 1 else hidden
     assert features.shape == (2, SEQ, model.config.text_config.hidden_size)
+    torch.testing.assert_close(features[0], alone[0])
+    torch.testing.assert_close(features[1], alone[1])
+    assert (features[0] - features[1]).abs().max() > 1e-3  # two images, two feature sets
+    torch.testing.assert_close(features, hidden)
 
 
 def test_visual_tokens_replace_placeholders_in_order(model):
@@ -60,11 +76,13 @@ def test_visual_tokens_replace_placeholders_in_order(model):
     torch.testing.assert_close(out.image_hidden_states, expected)
 
 
-def test_text_only_prompt(model):
+def test_text_only_prompt_is_the_llm_alone(model):
     input_ids = prompt(model, 12)
     with torch.no_grad():
         out = model(input_ids=input_ids)
+        bare = model.lm_head(model.model.language_model(input_ids=input_ids).last_hidden_state)
     assert out.logits.shape == (1, 12, model.config.text_config.vocab_size)
+    torch.testing.assert_close(out.logits, bare)
     assert out.image_hidden_states is None
 
 
@@ -82,9 +100,14 @@ def test_loss_is_cross_entropy_over_text_positions(model):
 
 
 def test_tuple_output_when_return_dict_is_false(model):
+    input_ids, pixel_values = prompt(model, 2, "image", 2), images(1)
+    labels = input_ids.masked_fill(input_ids == model.config.image_token_id, -100)
     with torch.no_grad():
-        out = model(input_ids=prompt(model, 4), return_dict=False)
-    assert isinstance(out, tuple) and out[0].shape == (1, 4, model.config.text_config.vocab_size)
+        out = model(input_ids=input_ids, pixel_values=pixel_values, labels=labels, return_dict=False)
+        named = model(input_ids=input_ids, pixel_values=pixel_values, labels=labels)
+    assert isinstance(out, tuple)
+    torch.testing.assert_close(out[0], named.loss)  # loss first, then the logits, as transformers orders them
+    torch.testing.assert_close(out[1], named.logits)
 
 
 def test_inputs_embeds_give_the_same_logits(model):
@@ -177,7 +200,7 @@ def test_sdpa_and_eager_attention_agree(llm, tmp_path):
     for model, implementation in ((sdpa, "sdpa"), (eager, "eager")):
         assert model.model.language_model.config._attn_implementation == implementation
         assert model.model.breadth_encoder.config._attn_implementation == implementation
-        if not transformers.__version__.startswith("4."):
+        if not IS_TRANSFORMERS_4:
             assert model.model.vision_tower.config._attn_implementation == implementation
     inputs = dict(input_ids=prompt(sdpa, 4, "image", 5), pixel_values=images(1))
     with torch.no_grad():

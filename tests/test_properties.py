@@ -1,5 +1,6 @@
 """Property-based tests (hypothesis) of processor + model on the tiny model: whatever images and text people send,
-the result is either correct (577 tokens per image, consistent shapes, finite logits) or a documented error."""
+the result is either correct (577 tokens per image, each image's own pixel values, each conversation's own logits in
+a padded batch) or a documented error."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from PIL import Image
 from florence_vl.configuration_florence_vl import IMAGE_TOKENS
 
 SEQ = 577
+MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet's (the facts doc)
 MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "I;16", "F"]
 # derandomize: the same examples every run, so a failure reproduces (and a pass is not luck of the draw).
 SETTINGS = dict(deadline=None, derandomize=True,
@@ -84,7 +86,12 @@ def test_processor_gives_577_tokens_per_image_or_names_the_mismatch(processor, c
     assert "token_type_ids" not in inputs
     if num_images:
         assert inputs["pixel_values"].shape == (num_images, 3, 768, 768)
-        assert torch.isfinite(inputs["pixel_values"]).all()
+        # Each image's values are its own, whatever else the message holds, and lie in the normalised 0-255 range.
+        alone = [processor(images=piece["image"], return_tensors="pt")["pixel_values"][0]
+                 for piece in conversation[0]["content"] if piece["type"] == "image"]
+        assert torch.equal(inputs["pixel_values"], torch.stack(alone))
+        low, high = [((value - MEAN) / STD).view(3, 1, 1) for value in (0.0, 1.0)]
+        assert ((inputs["pixel_values"] >= low - 1e-6) & (inputs["pixel_values"] <= high + 1e-6)).all()
     else:
         assert "pixel_values" not in inputs
 
@@ -100,5 +107,7 @@ def test_batches_run_through_the_model(processor, model, batch):
     assert counts == [SEQ * n for _, n, _ in batch]
     with torch.no_grad():
         logits = model(**inputs).logits
+        # Each conversation's next-token logits in the left-padded batch are those of the conversation alone.
+        alone = [model(**encode(processor, [conversation])).logits[0, -1] for conversation, _, _ in batch]
     assert logits.shape == (*inputs["input_ids"].shape, model.config.text_config.vocab_size)
-    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits[:, -1], torch.stack(alone), atol=1e-4, rtol=1e-4)

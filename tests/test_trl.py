@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from conftest import ROOT, card_python_blocks
+from conftest import ROOT, card_python_blocks, require
 
-trl = pytest.importorskip("trl", reason="TRL 1.16 needs huggingface_hub >= 1, which transformers 4.57 refuses; the test "
-                         "command installs it with transformers 5.x (requirements-trl.txt)")
+trl = require("trl", "TRL 1.16 needs huggingface_hub >= 1, which transformers 4.57 refuses; the test command "
+              "installs it with transformers 5.x (requirements-trl.txt)")
 
 TRL_MARKER = "<!-- card-test: trl -->"
 
