@@ -21,8 +21,8 @@ from typing import Any, Iterator, Optional
 # Before gradio is imported: no usage statistics sent anywhere from a local demo.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from cli_common import (DEFAULT_MAX_NEW_TOKENS, add_runtime_args, positive_int, quiet_libraries, resolve_device,
-                        resolve_dtype, resolve_model, run)
+from cli_common import (DEFAULT_MAX_NEW_TOKENS, ScriptParser, add_runtime_args, positive_int, quiet_libraries,
+                        resolve_device, resolve_dtype, resolve_model, run)
 
 from ask import EMBEDDED_MODEL, EMBEDDED_NOTICE, EMBEDDED_SCOPE
 
@@ -140,7 +140,7 @@ def offline_theme() -> Any:
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command-line arguments."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ScriptParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="converted Florence-VL folder or Hub id (default: the embedded tiny model)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to serve on (0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=7860)

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from cli_common import (DEFAULT_MAX_NEW_TOKENS, add_runtime_args, positive_int, quiet_libraries, resolve_device,
-                        resolve_dtype, resolve_image, resolve_model, run)
+from cli_common import (DEFAULT_MAX_NEW_TOKENS, ScriptParser, add_runtime_args, positive_int, quiet_libraries,
+                        resolve_device, resolve_dtype, resolve_image, resolve_model, run)
 
 
 ROOT = Path(__file__).resolve().parent
@@ -32,8 +32,8 @@ EMBEDDED_SCOPE = ("The embedded tiny model answers questions about images of 1 t
 
 
 def materialise_embedded_model(folder: Path, seed: int = 0, random_weights: bool = False) -> Path:
-    """Copy the embedded tiny model into `folder` as an upload sends it (its code links resolved), with its trained
-    weights, or seeded random ones with `random_weights` (training's starting point)."""
+    """Copy the embedded tiny model into `folder` as an upload sends it, with its trained weights, or seeded random
+    ones with `random_weights` (training's starting point)."""
     ignore = shutil.ignore_patterns("*.safetensors") if random_weights else None
     shutil.copytree(EMBEDDED_MODEL, folder, dirs_exist_ok=True, ignore=ignore)
     if random_weights:
@@ -63,7 +63,7 @@ def answer(model: str, image: Any, question: str, max_new_tokens: int = DEFAULT_
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command-line arguments (the same --device/--dtype/--max-new-tokens as app.py)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ScriptParser(description=__doc__.split("\n")[0])
     parser.add_argument("--image", default=str(ROOT / "assets" / "example.png"), help="image path or URL")
     parser.add_argument("--question", default="What colour is the shape?")
     parser.add_argument("--model", help="converted Florence-VL folder or Hub id (default: the embedded tiny model)")

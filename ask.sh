@@ -5,4 +5,4 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 "$here/scripts/setup_venv.sh" "$here/.venv" >&2  # the repo's one environment for every script (first run only)
-exec "$here/.venv/bin/python" "$here/ask.py" "$@"
+FLORENCE_VL_COMMAND=$(basename "$0") exec "$here/.venv/bin/python" "$here/ask.py" "$@"  # errors name ask.sh

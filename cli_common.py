@@ -31,6 +31,18 @@ class UsageError(ValueError):
     """An expected mistake (missing file, bad option value): reported as one `error:` line, no traceback."""
 
 
+class ScriptParser(argparse.ArgumentParser):
+    """argparse's parser, with a usage mistake reported as one `error:` line naming the command the user ran
+    (`ask.sh` runs `ask.py` and names itself in FLORENCE_VL_COMMAND)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(prog=os.environ.get("FLORENCE_VL_COMMAND") or None, **kwargs)
+
+    def error(self, message: str) -> "NoReturn":  # noqa: F821
+        """Exit 2 with `error: MESSAGE` alone (no usage block)."""
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     """--device and --dtype, spelled and defaulted the same in every script."""
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
@@ -60,7 +72,7 @@ def resolve_dtype(dtype: str, device: str) -> "torch.dtype":  # noqa: F821
 
 def user_path(path: str | os.PathLike) -> Path:
     """`path` as the user meant it: `~` expanded, relative to the directory the command was started from."""
-    return Path(os.path.expanduser(path)).absolute()
+    return Path(os.path.abspath(os.path.expanduser(path)))  # `..` resolved, links kept
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -69,15 +81,51 @@ def looks_like_hub_id(name: str) -> bool:
 
 
 def resolve_model(model: str) -> str:
-    """A local folder (made absolute) or a Hub id ("owner/name"); a missing folder is an error, not a Hub lookup."""
+    """A converted local folder (made absolute) or a Hub id ("owner/name") that the Hub (or, offline, its local cache)
+    knows; a missing folder, an original release and anything else is a UsageError, after at most one Hub request."""
     local = user_path(model)
     if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise UsageError(f"--model {model}: {local} has no config.json (not a converted Florence-VL folder)")
-        return str(local)
-    if not looks_like_hub_id(model):
+        return check_model_folder(model, local)
+    if local.exists():
+        raise UsageError(f"--model {model}: {local} is a file, not a model folder")
+    if not looks_like_hub_id(model) or user_path(model.split("/")[0]).is_dir():
         raise UsageError(f"--model {model}: no such folder ({local})")
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    try:
+        huggingface_hub.model_info(model, timeout=10)
+    except GatedRepoError:
+        return model  # it exists; transformers says what access it needs
+    except RepositoryNotFoundError:
+        raise UsageError(f"--model {model}: no such folder ({local}), nor a model of that id on the Hub") from None
+    except OfflineModeIsEnabled:
+        if huggingface_hub.try_to_load_from_cache(model, "config.json") is None:
+            raise UsageError(f"--model {model}: no such folder ({local}), and the Hub is off (HF_HUB_OFFLINE) with "
+                             f"no cached copy of that id") from None
+    except Exception as error:  # the network: no route, DNS, timeout
+        raise UsageError(f"--model {model}: no such folder ({local}), and the Hub could not be asked about that id "
+                         f"({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''})"
+                         ) from None
     return model
+
+
+def check_model_folder(model: str, local: Path) -> str:
+    """`local` if it holds a converted Florence-VL model; a UsageError saying what it holds instead."""
+    import json
+
+    if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+        raise UsageError(f"--model {model}: {local} is a LoRA adapter alone; give the folder finetune.py merged it "
+                         f"into ({local.parent}), or load it onto its base with peft's PeftModel.from_pretrained")
+    if not (local / "config.json").is_file():
+        raise UsageError(f"--model {model}: {local} has no config.json (not a converted Florence-VL folder)")
+    model_type = json.loads((local / "config.json").read_text()).get("model_type")
+    if model_type in ("llava_llama", "llava_phi"):
+        raise UsageError(f"--model {model}: {local} is an original Florence-VL release (model_type {model_type}); "
+                         f"convert it first: python convert_checkpoint.py {model} OUT, then --model OUT")
+    if model_type != "florence_vl":
+        raise UsageError(f"--model {model}: {local} holds a {model_type!r} model, not Florence-VL (florence_vl)")
+    return str(local)
 
 
 def is_url(source: str) -> bool:
@@ -98,6 +146,8 @@ def read_image(source: str, path: Optional[Path] = None) -> Any:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(f"could not fetch an image there ({reason})") from None
     path = path or Path(source)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not an image file")
     if not path.is_file():
         raise ValueError(f"no such file ({path})")
     try:

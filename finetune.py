@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from cli_common import (UsageError, add_runtime_args, is_url, prepare_output_dir, quiet_libraries, read_image,
-                        resolve_device, resolve_dtype, resolve_model, run, user_path)
+from cli_common import (ScriptParser, UsageError, add_runtime_args, is_url, prepare_output_dir, quiet_libraries,
+                        read_image, resolve_device, resolve_dtype, resolve_model, run, user_path)
 
 ROOT = Path(__file__).resolve().parent
 IGNORE_INDEX = -100
@@ -245,10 +246,9 @@ def training_arguments(args: argparse.Namespace) -> Any:
     """TrainingArguments of the recipe: gradient checkpointing on, bf16 on GPUs, nothing reported anywhere."""
     from transformers import TrainingArguments
 
+    from florence_vl.compatibility_florence_vl import CHECKPOINTING_ARGUMENT as checkpointing
+
     use_bf16 = args.torch_dtype == torch.bfloat16
-    # transformers 5.x renamed gradient_checkpointing to activation_checkpointing; the old name warns on every run.
-    checkpointing = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
-                     else "gradient_checkpointing")
     return TrainingArguments(
         output_dir=str(args.output_dir),
         per_device_train_batch_size=args.batch_size,
@@ -291,20 +291,34 @@ def load_model_and_processor(model_path: str, dtype: torch.dtype = torch.float32
 
 
 def save(trainer: Any, processor: Any, args: argparse.Namespace, model_path: str) -> None:
-    """Save the model (or the LoRA adapter) as a complete folder with a card of its own, so that the Auto classes /
-    PeftModel reload it from anywhere."""
+    """Save a complete folder with a card of its own, which every loader takes from anywhere (the Auto classes, the
+    pipeline, ask/app, vLLM). With --lora the adapters are merged into it, and kept alone in OUTPUT_DIR/adapter too
+    (PEFT's format; its base recorded as the Hub id given, or as the path from there to the base folder)."""
     from model_folder import derived_card, write_model_folder
 
-    trainer.save_model(str(args.output_dir))  # handles FSDP / ZeRO-3 state gathering; main process writes
+    model = None
+    if args.lora:
+        adapter = args.output_dir / "adapter"
+        trainer.save_model(str(adapter))
+        if trainer.is_world_process_zero():
+            config = json.loads((adapter / "adapter_config.json").read_text())
+            local = Path(model_path).is_dir()
+            config["base_model_name_or_path"] = os.path.relpath(model_path, adapter) if local else model_path
+            (adapter / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            model = trainer.model.merge_and_unload()
+    else:
+        trainer.save_model(str(args.output_dir))  # handles FSDP / ZeRO-3 state gathering; main process writes
     if trainer.is_world_process_zero():
         what = (f"Florence-VL fine-tuned from `{model_path}` by finetune.py (stage {args.stage}"
-                f"{', LoRA adapters' if args.lora else ''}) on `{args.data.name}`.")
-        write_model_folder(args.output_dir, processor, derived_card(model_path, "Florence-VL, fine-tuned", what))
+                f"{', LoRA adapters merged (the adapters alone: adapter/)' if args.lora else ''}) on "
+                f"`{args.data.name}`.")
+        write_model_folder(args.output_dir, processor, derived_card(model_path, "Florence-VL, fine-tuned", what),
+                           model=model)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command-line arguments, with paths resolved against the caller's directory and the output folder checked."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ScriptParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="converted Florence-VL folder or Hub id (default: the embedded tiny model)")
     parser.add_argument("--data", type=Path, required=True,
                         help="JSON or JSONL: {image, question, answer}, LLaVA conversations, or messages + images")

@@ -15,7 +15,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 pip_install() { "$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar off "$@"; }
-echo "Setting up the vLLM virtualenv $venv (first run only; about 3 minutes, 3.5 GB)"
+echo "Setting up the vLLM virtualenv $venv (first run only; 3 to 6 minutes, 3.5 GB)"
 python3 -m venv "$venv"
 torch_index=()
 if [ -n "${TORCH_INDEX_URL:-}" ]; then torch_index=(--extra-index-url "$TORCH_INDEX_URL"); fi

@@ -217,34 +217,58 @@ def test_stage2_freezes_the_tower_and_checkpoint_reloads(tiny_repo_factory, data
 
 def test_lora_reaches_phi3s_fused_qkv_proj(tiny_repo_factory, data_file, tmp_path):
     """Phi-3 fuses q/k/v into one `qkv_proj`: the LoRA targets cover it (and its o_proj), as the docs say."""
-    trainer = run_training(tiny_repo_factory("phi3"), data_file, tmp_path / "lora_phi3", "--stage", "2", "--lora",
-                           "--lora-rank", "4", "--max-steps", "1")
-    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
-    assert any("self_attn.qkv_proj.lora_A" in n for n in trainable), trainable[:8]
-    assert any("self_attn.o_proj.lora_A" in n for n in trainable)
+    from safetensors import safe_open
+
+    run_training(tiny_repo_factory("phi3"), data_file, tmp_path / "lora_phi3", "--stage", "2", "--lora",
+                 "--lora-rank", "4", "--max-steps", "1")
+    with safe_open(str(tmp_path / "lora_phi3" / "adapter" / "adapter_model.safetensors"), "pt") as saved:
+        trained = list(saved.keys())
+    assert any("self_attn.qkv_proj.lora_A" in n for n in trained), trained[:8]
+    assert any("self_attn.o_proj.lora_A" in n for n in trained)
 
 
-def test_lora_adapter_saves_and_reloads(tiny_repo_factory, data_file, tmp_path):
+def test_lora_output_is_a_merged_complete_folder_and_the_adapter_alone(tiny_repo_factory, data_file, tmp_path):
+    """--lora trains only the adapters (and the DBFusion projector); OUTPUT_DIR is a complete folder with them merged,
+    which the Auto classes and ask.py load (copied elsewhere too), and OUTPUT_DIR/adapter is the adapter alone, its base
+    recorded as the path from there, so that the two folders copied together still find each other."""
+    import shutil
+
     from peft import PeftModel
 
     folder = tiny_repo_factory("llama")
     base, processor = load(folder)
     batch = batch_of(processor, data_file)
     before = eval_loss(base, batch)
-    trainer = run_training(folder, data_file, tmp_path / "lora", "--stage", "2", "--lora", "--lora-rank", "4")
-    model = trainer.model
-    assert isinstance(model, PeftModel)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n or "dbfusion_projector" in n for n in trainable)
-    assert any("self_attn.q_proj.lora_A" in n for n in trainable)
-    assert eval_loss(model, batch) < before
-    assert (tmp_path / "lora" / "adapter_config.json").is_file()
+    out = tmp_path / "lora"
+    trainer = run_training(folder, data_file, out, "--stage", "2", "--lora", "--lora-rank", "4")
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as saved:  # what was trained
+        names = list(saved.keys())
+    assert any("self_attn.q_proj.lora_A" in n for n in names)
+    assert all("lora_" in n or "dbfusion_projector" in n for n in names), names[:8]
 
     fresh_base, _ = load(folder)
-    reloaded = PeftModel.from_pretrained(fresh_base, str(tmp_path / "lora")).eval()
-    model.eval()
+    adapter = out / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert not Path(config["base_model_name_or_path"]).is_absolute()
+    assert (adapter / config["base_model_name_or_path"]).resolve() == Path(folder).resolve()
+    with_adapter = PeftModel.from_pretrained(fresh_base, str(adapter)).eval()
+    assert any("self_attn.q_proj.lora_A" in n for n, _ in with_adapter.named_parameters())
+    merged, _ = load(out)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
     with torch.no_grad():
-        assert torch.equal(reloaded(**batch).logits, model(**batch).logits)
+        expected = with_adapter(**batch).logits
+        torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+    assert eval_loss(merged, batch) < before
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.glob("*.safetensors"))
+
+    copied = tmp_path / "elsewhere" / "lora-copy"
+    shutil.copytree(out, copied)
+    result = subprocess.run([sys.executable, str(ROOT / "ask.py"), "--model", str(copied), "--question", "Colour?"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=""))
+    assert result.returncode == 0 and result.stdout.startswith("Q: Colour?\nA: "), result.stderr[-2000:]
 
 
 def free_port() -> int:

@@ -27,14 +27,14 @@ def run_script(script: Path, *args: str, cwd: Path, timeout: int = 300) -> subpr
 
 
 def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    """Failed with exit status 2 and exactly one `error:` line naming the problem, no traceback."""
+    """Failed with exit status 2 and one line alone, `error: ...`, naming the problem: no traceback, no usage block."""
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    errors = [line for line in lines if line.startswith("error:") or ": error:" in line]
-    assert len(errors) == 1, lines
+    assert [line for line in lines if not line.startswith("No --model given")] == lines[-1:], lines
+    assert lines[-1].startswith("error: "), lines
     for fragment in fragments:
-        assert fragment in errors[0], errors[0]
+        assert fragment in lines[-1], lines[-1]
 
 
 @pytest.fixture()
@@ -55,6 +55,49 @@ def test_ask_missing_relative_model_folder_is_one_error_line_not_a_hub_lookup(el
 @pytest.mark.parametrize("model", ["florence-vl-8b", "~/models/florence-vl-8b", "out/models/florence-vl-8b"])
 def test_names_that_cannot_be_hub_ids_are_folders(elsewhere, model):
     assert_one_error_line(run_script(SCRIPTS["ask"], "--model", model, cwd=elsewhere), "no such folder")
+
+
+def test_a_missing_folder_inside_an_existing_one_is_a_folder_not_a_hub_id(elsewhere):
+    """`models/florence` looks like a Hub id, but models/ is a folder here: a path, never a Hub lookup."""
+    (elsewhere / "models").mkdir()
+    started = time.monotonic()
+    result = run_script(SCRIPTS["ask"], "--model", "models/florence", cwd=elsewhere)
+    assert_one_error_line(result, "--model models/florence", "no such folder", str(elsewhere / "models" / "florence"))
+    assert time.monotonic() - started < 30
+
+
+def test_an_unknown_hub_id_is_one_error_line_after_one_lookup(elsewhere):
+    """Offline (as the tests run) with nothing cached; online it would be one request, not transformers' retries."""
+    started = time.monotonic()
+    result = run_script(SCRIPTS["ask"], "--model", "nobody-here/florence-vl", cwd=elsewhere)
+    assert_one_error_line(result, "--model nobody-here/florence-vl", "no such folder")
+    assert "retry" not in result.stderr.lower() and time.monotonic() - started < 30
+
+
+def test_an_original_release_folder_says_to_convert_it(elsewhere):
+    from conftest import require_fixture
+
+    release = require_fixture() / "original_checkpoint"
+    result = run_script(SCRIPTS["ask"], "--model", str(release), cwd=elsewhere)
+    assert_one_error_line(result, "original Florence-VL release", "llava_llama", "convert_checkpoint.py")
+
+
+def test_an_image_folder_is_named_as_a_folder(elsewhere):
+    (elsewhere / "photos").mkdir()
+    assert_one_error_line(run_script(SCRIPTS["ask"], "--image", "photos", cwd=elsewhere), "is a folder")
+
+
+@pytest.mark.parametrize("args, fragment", [(["--max-new-tokens", "0"], "at least 1"),
+                                            (["--max-new-tokens", "-5"], "at least 1"),
+                                            (["--question", " "], "--question is empty")])
+def test_ask_sh_usage_mistakes_are_one_line_naming_ask_sh(elsewhere, args, fragment):
+    """Run as the README does, through ask.sh (its .venv made first, as ask.sh's first run makes it)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    subprocess.run([str(ROOT / "scripts" / "setup_venv.sh"), str(ROOT / ".venv")], env=env, check=True,
+                   capture_output=True, timeout=1500)
+    result = subprocess.run([str(ROOT / "ask.sh"), *args], cwd=elsewhere, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert_one_error_line(result, "ask.sh:", fragment)
 
 
 def test_ask_missing_image_is_one_error_line(elsewhere):
