@@ -695,10 +695,43 @@ def write_weights(shards: list[list[PlannedTensor]], folder: Path, requested: Op
     return total
 
 
-def chat_template(name: str) -> Optional[str]:
-    """The release's prompt format from chat_templates/<name>.jinja (None when the file is missing)."""
+# The line of each chat template that says what the original's ids start with before the prompt's own text.
+RELEASE_BOS_LINE = re.compile(r"\{%- set release_bos = '[^']*' -%\}")
+
+
+def release_bos(tokenizer: Any, llm: str, tokenizer_config: dict[str, Any]) -> str:
+    """The BOS text the original's ids start with before the prompt's own text, read off the release tokenizer the
+    way the original tokenizes (LLaVA's tokenizer_image_token: the tokenizer's own call on each chunk of the prompt
+    split at <image>; when the first chunk starts with the BOS id, that BOS is kept once and the first id of every
+    chunk dropped): the BOS token when the tokenizer adds one, else "". A Llama tokenizer class's `add_bos_token`
+    (tokenizer_config.json) decides as it did under the original's transformers 4.x. ConversionError for what a chat
+    template cannot express."""
+    plain, own = (tokenizer("x", add_special_tokens=flag)["input_ids"] for flag in (False, True))
+    adds_bos = tokenizer.bos_token_id is not None and own == [tokenizer.bos_token_id, *plain]
+    if str(tokenizer_config.get("tokenizer_class", "")).startswith("LlamaTokenizer"):
+        # The original ran on transformers 4.x, whose LlamaTokenizer(Fast) rebuilds the post-processor from this flag
+        # (default: add) whatever tokenizer.json says; 5.x keeps tokenizer.json's (measured on 5.23.0). Read it as 4.x.
+        adds_bos = tokenizer.bos_token_id is not None and tokenizer_config.get("add_bos_token") is not False
+        own = [tokenizer.bos_token_id, *plain] if adds_bos else plain
+    if own != plain and not adds_bos:
+        raise ConversionError(f"the release tokenizer adds special tokens other than one leading BOS ({own} for 'x', "
+                              f"{plain} without them): no chat template gives the original's ids for that")
+    if llm == "llama" and not adds_bos:
+        raise ConversionError(
+            "the release's Llama-3 tokenizer adds no BOS: the original then keeps the prompt's literal "
+            "<|begin_of_text|> as its BOS and drops the first id after every image, which no chat template can "
+            "express; convert with the release's own tokenizer (it adds <|begin_of_text|>)"
+        )
+    return tokenizer.bos_token if adds_bos else ""
+
+
+def release_chat_template(name: str, bos: str) -> str:
+    """The release's prompt format, chat_templates/<name>.jinja, with its BOS rule (`release_bos`) written in."""
     path = ROOT / "chat_templates" / f"{name}.jinja"
-    return path.read_text() if path.is_file() else None
+    template = path.read_text() if path.is_file() else ""
+    if len(RELEASE_BOS_LINE.findall(template)) != 1:
+        raise ConversionError(f"chat_templates/{name}.jinja is missing or has no single release_bos line")
+    return RELEASE_BOS_LINE.sub(lambda _: "{%- set release_bos = " + repr(bos) + " -%}", template)
 
 
 def florence_vl_tokenizer(tokenizer: Any) -> Any:
@@ -707,6 +740,10 @@ def florence_vl_tokenizer(tokenizer: Any) -> Any:
     pads on the left (generation continues on the right)."""
     from tokenizers import processors
 
+    for flag in ("add_bos_token", "add_eos_token"):  # 4.57's LlamaTokenizerFast rebuilds its post-processor from these
+        tokenizer.init_kwargs[flag] = False
+        if hasattr(tokenizer, flag):
+            setattr(tokenizer, flag, False)
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
     tokenizer.padding_side = "left"
     tokenizer.init_kwargs["padding_side"] = "left"
@@ -728,9 +765,15 @@ def build_processor(src: Path, text_config: dict[str, Any], model_type: str) -> 
     except Exception as error:
         raise ConversionError(f"the LLM tokenizer in {src} could not be loaded ({type(error).__name__}: {error})") from None
     llm, template = SUPPORTED[model_type]
+    config_file = src / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    bos = release_bos(tokenizer, llm, tokenizer_config)  # before florence_vl_tokenizer makes it add nothing
+    print("Prompt rule, read off the release tokenizer: " + (
+        f"it adds {bos} to each call, so the original's ids start with it (once), then the prompt's text"
+        if bos else "it adds no BOS, so the original's ids start with the prompt's text") + "; the template writes it")
     try:
-        return FlorenceVLProcessor(tokenizer=florence_vl_tokenizer(tokenizer), chat_template=chat_template(template),
-                                   image_token=IMAGE_TOKENS[llm])
+        return FlorenceVLProcessor(tokenizer=florence_vl_tokenizer(tokenizer),
+                                   chat_template=release_chat_template(template, bos), image_token=IMAGE_TOKENS[llm])
     except ValueError as error:
         raise ConversionError(f"the LLM tokenizer in {src}: {error}") from None
 

@@ -8,7 +8,11 @@ in tests/test_trl.py.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -16,6 +20,8 @@ import torch
 from conftest import require, require_fixture, tiny_processor
 from PIL import Image
 from safetensors.torch import load_file
+
+from florence_vl.compatibility_florence_vl import IS_TRANSFORMERS_4
 
 FIXTURE = require_fixture()
 CASES = json.loads((FIXTURE / "cases.json").read_text())["cases"]
@@ -256,3 +262,161 @@ def test_empty_other_modalities_pass_silently(processor, name):
         warnings.simplefilter("error")
         out = processor(text="hi", **{name: [None]})
     assert dict(out) == dict(processor(text="hi"))
+
+
+# ----------------------------------------------------------------------------------------- each release tokenizer
+# The release prompts as the original code builds them (../shared/docs/florence_vl_facts.md), with <image> where the
+# image goes: the text its tokenizer_image_token turns into ids.
+ORIGINAL_PROMPTS = {
+    "llama": ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nA chat between a curious user and an "
+              "artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the "
+              "user's questions.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n<image>\n{question}<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    "phi3": "<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n<image>\n{question}<|end|>\n<|assistant|>\n",
+}
+VARIANT_CLIENTS = [processor_apply_chat_template, render_then_processor, render_then_processor_without_special_tokens,
+                   lmms_eval_huggingface]
+
+
+CHUNK_IDS = """
+import json, sys
+from transformers import AutoConfig, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], config=AutoConfig.for_model("llama"))
+print(json.dumps([[tokenizer(chunk)["input_ids"] for chunk in sys.argv[2].split("<image>")], tokenizer.bos_token_id]))
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def original_chunks(src, prompt: str) -> tuple[list[list[int]], int]:
+    """The release tokenizer's own ids of each chunk of `prompt` split at <image>, under transformers 4.x as the
+    original ran (here, or FLORENCE_VL_OTHER_PYTHON's 4.57 under 5.x: 5.x reads some tokenizers' BOS flag
+    differently), and its BOS id."""
+    python = sys.executable if IS_TRANSFORMERS_4 else os.environ.get("FLORENCE_VL_OTHER_PYTHON")
+    if not python:
+        pytest.skip("the expected ids come from transformers 4.x, the original's: FLORENCE_VL_OTHER_PYTHON names its "
+                    "python (scripts/test.sh sets it)")
+    result = subprocess.run([python, "-c", CHUNK_IDS, str(src), prompt], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
+    chunks, bos = json.loads(result.stdout.strip().splitlines()[-1])
+    return chunks, bos
+
+
+def original_ids(src, prompt: str, image_tokens: list[int]) -> list[int]:
+    """LLaVA's tokenizer_image_token as the facts doc restates it, on the release tokenizer's chunks
+    (`original_chunks`): a BOS that starts the first chunk is kept once and the first id of every chunk dropped; the
+    image between the chunks (as its expanded image tokens)."""
+    chunks, bos = original_chunks(src, prompt)
+    offset = 1 if chunks[0][:1] == [bos] else 0
+    ids = chunks[0][:offset]
+    for index, chunk in enumerate(chunks):
+        ids += (image_tokens if index else []) + chunk[offset:]
+    return ids
+
+
+def release_tokenizer(src):
+    """The release's own tokenizer, as the original loads it (transformers cannot read a llava_* config.json, so the
+    LLM's model type is given; the tokenizer class comes from tokenizer_config.json)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(src), config=AutoConfig.for_model("llama"))
+
+
+def phi3_tokenizer_variant(folder, variant: str) -> None:
+    """Put tests/assets/phi3_tiny_tokenizer (Phi-3 specials, <s> and <|placeholder1|> in its 400 ids) into a release
+    folder: as it is (adds no BOS), with a `<s> $A` post-processor in tokenizer.json, or as a Llama tokenizer class with
+    add_bos_token in its config (which transformers 4.x honours: it adds <s>)."""
+    from conftest import ASSETS
+
+    tokenizer = json.loads((ASSETS / "phi3_tiny_tokenizer" / "tokenizer.json").read_text())
+    config = json.loads((ASSETS / "phi3_tiny_tokenizer" / "tokenizer_config.json").read_text())
+    if variant == "post_processor":
+        bos = {"id": "<s>", "type_id": 0}
+        tokenizer["post_processor"] = {
+            "type": "TemplateProcessing", "single": [{"SpecialToken": bos}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": bos}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": bos},
+                     {"Sequence": {"id": "B", "type_id": 0}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    elif variant == "flag":  # as Phi-3.5's own tokenizer_config.json is written: a Llama class and the flag
+        config.update(tokenizer_class="LlamaTokenizerFast", add_bos_token=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory):
+    """Tiny releases in the original format, each with one variant of its family's tokenizer, and their conversions:
+    {(family, variant): (release folder, converted folder)}."""
+    import shutil
+
+    import convert_checkpoint
+    from test_conversion import build_tiny_phi_release
+
+    made = {}
+    root = tmp_path_factory.mktemp("tokenizer_variants")
+    llama = root / "llama-adds_bos"
+    shutil.copytree(FIXTURE / "original_checkpoint", llama)
+    made[("llama", "adds_bos")] = llama
+    for variant in ("no_bos", "post_processor", "flag"):
+        phi3 = build_tiny_phi_release(root / f"phi3-{variant}")
+        phi3_tokenizer_variant(phi3, variant)
+        made[("phi3", variant)] = phi3
+    converted = {}
+    for key, src in made.items():
+        convert_checkpoint.convert(str(src), str(root / f"{src.name}-converted"))
+        converted[key] = (src, root / f"{src.name}-converted")
+    return converted
+
+
+@pytest.mark.parametrize("client", VARIANT_CLIENTS, ids=lambda client: client.__name__)
+@pytest.mark.parametrize("release", [("llama", "adds_bos"), ("phi3", "no_bos"), ("phi3", "post_processor"),
+                                     ("phi3", "flag")], ids="-".join)
+def test_every_client_gets_each_release_tokenizers_original_ids(releases, release, client):
+    """Whatever the release tokenizer adds, the converted folder gives every client the ids the original builds with
+    that tokenizer (expected ids from the tokenizer's own call, never from our processor)."""
+    from transformers import AutoProcessor
+
+    src, converted = releases[release]
+    processor = AutoProcessor.from_pretrained(converted, trust_remote_code=True)
+    question = "What is in the image?"
+    image = fixture_image(0)
+    expected = original_ids(src, ORIGINAL_PROMPTS[release[0]].format(question=question),
+                            [processor.image_token_id] * processor.image_seq_length)
+    assert client(processor, user_turn(question, image), image) == expected
+    bos = release_tokenizer(src).bos_token_id
+    assert (expected[0] == bos) == (release != ("phi3", "no_bos"))  # the variants do differ: see their builder
+
+
+def test_a_llama3_release_tokenizer_without_bos_is_refused_by_name(tmp_path, capsys):
+    """The template's literal <|begin_of_text|> would make the original drop the first id after every image: no chat
+    template gives those ids, so the converter refuses, naming why."""
+    import shutil
+
+    import convert_checkpoint
+
+    src = tmp_path / "llama-no_bos"
+    shutil.copytree(FIXTURE / "original_checkpoint", src)
+    tokenizer = json.loads((src / "tokenizer.json").read_text())
+    tokenizer["post_processor"] = None
+    (src / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(convert_checkpoint.ConversionError, match="Llama-3 tokenizer adds no BOS.*first id after"):
+        convert_checkpoint.convert(str(src), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("release", [("phi3", "no_bos"), ("phi3", "post_processor")], ids="-".join)
+def test_pipeline_gives_each_release_tokenizers_original_ids(releases, release):
+    """The image-text-to-text pipeline on chat messages hands `generate` the original's ids for that tokenizer."""
+    from transformers import pipeline
+
+    src, converted = releases[release]
+    pipe = pipeline("image-text-to-text", model=str(converted), trust_remote_code=True)
+    seen = []
+    generate = pipe.model.generate
+    pipe.model.generate = lambda *args, **kwargs: seen.append(kwargs["input_ids"][0].tolist()) or generate(*args, **kwargs)
+    question, image = "What is in the image?", fixture_image(0)
+    pipe(text=user_turn(question, image), max_new_tokens=1)
+    image_tokens = [pipe.processor.image_token_id] * pipe.processor.image_seq_length
+    assert seen == [original_ids(src, ORIGINAL_PROMPTS["phi3"].format(question=question), image_tokens)]

@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -275,6 +276,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# The variables docs/serving.md's CPU server command sets (VLLM_CPU_KVCACHE_SPACE=2): the test's server runs with them.
+SERVING_DOC_ENV = dict(re.findall(r"^(VLLM_\w+)=(\S+) python -m vllm.entrypoints.openai.api_server",
+                                  (ROOT / "docs" / "serving.md").read_text(), re.M))
+
+
 @pytest.fixture(scope="module")
 def server(folder, tmp_path_factory):
     """`vllm serve` (as `python -m vllm.entrypoints.openai.api_server`: the vllm-cpu distribution has no working
@@ -285,7 +291,8 @@ def server(folder, tmp_path_factory):
                "--host", "127.0.0.1", "--port", str(port),
                "--trust-remote-code", "--model-impl", "transformers", "--dtype", "float32",
                "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--seed", "0"]
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    # The environment docs/serving.md's CPU server command gives it (this module's in-process settings left out).
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}, **SERVING_DOC_ENV}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -378,6 +385,7 @@ def test_serving_docs_run_as_written(server, tmp_path, monkeypatch, capfd):
     in a folder that has the repository's assets/, with none of this test module's vLLM settings in its environment
     (it sets what it needs itself); the client block against the test's server (its URL in place of port 8000). Both
     answer the example image's colour: green."""
+    assert "VLLM_CPU_KVCACHE_SPACE" in SERVING_DOC_ENV  # the server the client block talks to ran with the page's
     offline, client = [code for marker, code in card_python_blocks((ROOT / "docs" / "serving.md").read_text())
                        if marker == VLLM_MARKER]
     (tmp_path / "assets").symlink_to(ROOT / "assets")
