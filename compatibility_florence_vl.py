@@ -122,8 +122,8 @@ class _Processor5x(ProcessorMixin):
 class _Processor4x(ProcessorMixin):
     """4.57's ProcessorMixin, completed with what Florence-VL's processor takes from 5.x's: declared parts (5.x infers
     them from __init__) and 5.x's call, which 4.57 lacks (its call runs each part alone and expands no placeholder).
-    The processor's own hooks (`prepare_inputs_layout`, `validate_inputs`, `replace_image_token`,
-    `_check_special_mm_tokens`) run here in the order 5.x runs them."""
+    The processor's hooks (`prepare_inputs_layout`, `validate_inputs`, `replace_image_token`) and the mixin's own
+    truncation check (`_check_special_mm_tokens`) run here in the order 5.x runs them."""
 
     attributes = ["image_processor", "tokenizer"]
     image_processor_class = "AutoImageProcessor"
