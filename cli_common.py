@@ -5,6 +5,7 @@ caller's working directory, a model argument that is a folder or a Hub id, and o
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -105,15 +106,12 @@ def resolve_model(model: str) -> str:
                              f"no cached copy of that id") from None
     except Exception as error:  # the network: no route, DNS, timeout
         raise UsageError(f"--model {model}: no such folder ({local}), and the Hub could not be asked about that id "
-                         f"({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''})"
-                         ) from None
+                         f"({type(error).__name__}: {first_line(error)})") from None
     return model
 
 
 def check_model_folder(model: str, local: Path) -> str:
     """`local` if it holds a converted Florence-VL model; a UsageError saying what it holds instead."""
-    import json
-
     if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
         raise UsageError(f"--model {model}: {local} is a LoRA adapter alone; give the folder finetune.py merged it "
                          f"into ({local.parent}), or load it onto its base with peft's PeftModel.from_pretrained")
@@ -126,6 +124,12 @@ def check_model_folder(model: str, local: Path) -> str:
     if model_type != "florence_vl":
         raise UsageError(f"--model {model}: {local} holds a {model_type!r} model, not Florence-VL (florence_vl)")
     return str(local)
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message for one `error:` line: its first line, or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def is_url(source: str) -> bool:
@@ -143,8 +147,7 @@ def read_image(source: str, path: Optional[Path] = None) -> Any:
         try:
             return load_image(source, timeout=10).convert("RGB")
         except Exception as error:  # httpx/requests errors, HTTP status errors, or bytes that are not an image
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ValueError(f"could not fetch an image there ({reason})") from None
+            raise ValueError(f"could not fetch an image there ({first_line(error)})") from None
     path = path or Path(source)
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not an image file")
@@ -208,8 +211,7 @@ def run(main: Callable[[], int]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # e.g. a Hub id that cannot be reached or does not exist
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"error: {first_line}", file=sys.stderr)
+        print(f"error: {first_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

