@@ -26,7 +26,8 @@ from typing import Any, Optional
 import torch
 
 from cli_common import (ScriptParser, UsageError, add_runtime_args, is_url, prepare_output_dir, quiet_libraries,
-                        read_image, resolve_device, resolve_dtype, resolve_model, run, user_path)
+                        read_image, register_model_package, resolve_device, resolve_dtype, resolve_model, run,
+                        user_path)
 
 ROOT = Path(__file__).resolve().parent
 IGNORE_INDEX = -100
@@ -246,6 +247,7 @@ def training_arguments(args: argparse.Namespace) -> Any:
     """TrainingArguments of the recipe: gradient checkpointing on, bf16 on GPUs, nothing reported anywhere."""
     from transformers import TrainingArguments
 
+    register_model_package()
     from florence_vl.compatibility_florence_vl import CHECKPOINTING_ARGUMENT as checkpointing
 
     use_bf16 = args.torch_dtype == torch.bfloat16

@@ -21,7 +21,7 @@ MIB = 1024**2
 # Resident bytes before loading, after loading, and after one forward pass with an image (transformers 5.x keeps the
 # safetensors file memory-mapped: its weights become resident as they are first read), and the process's peak.
 LOAD_SCRIPT = """
-import json, os, resource, sys, torch
+import json, os, sys, torch
 from transformers import AutoModelForImageTextToText
 
 def resident():
@@ -36,7 +36,8 @@ ids = torch.tensor([[9] * 4 + [config.image_token_id] * config.image_seq_length 
 with torch.no_grad():
     model(input_ids=ids, pixel_values=torch.zeros(1, 3, 768, 768))
 used = resident()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+with open("/proc/self/status") as f:  # VmHWM: this process image's peak (ru_maxrss counts the forking parent's)
+    peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
 print(json.dumps({"before": before, "loaded": loaded, "used": used, "peak": peak}))
 """
 
@@ -63,9 +64,9 @@ def test_load_memory_is_the_computed_weights(size, tmp_path):
     print(f"{size}: computed float32 weights {computed / MIB:.1f} MiB; measured above the process before loading "
           f"({load['before'] / MIB:.0f} MiB): +{loaded / MIB:.1f} MiB loaded, +{used / MIB:.1f} MiB after one image "
           f"forward, peak +{peak / MIB:.1f} MiB")
-    # The weights are held once: after a forward pass resident memory has grown by them (measured +1,819 / +1,869
-    # MiB at the mid size under 5.23.0 / 4.57.6; +192 MiB allowed for transformers' imports during the load and the
-    # forward's buffers), and the peak (the forward's activations on top: +2,295 / +2,208 MiB) stays below a second
-    # copy of the weights (2x, 3,310 MiB at the mid size).
-    assert 0.8 * computed <= used <= 1.1 * computed + 192 * MIB
+    # The weights are held once: after a forward pass resident memory has grown by them (measured +1,819 MiB at the
+    # mid size under 5.23.0, +1,869 to +1,928 MiB under 4.57.6; 15% and 192 MiB allowed for transformers' imports
+    # during the load and the forward's buffers), and the peak (the forward's activations on top: +2,295 / +2,208 to
+    # +2,267 MiB) stays below a second copy of the weights (2x, 3,310 MiB at the mid size).
+    assert 0.8 * computed <= used <= 1.15 * computed + 192 * MIB
     assert peak <= 1.25 * computed + 512 * MIB
