@@ -463,7 +463,7 @@ def test_serving_docs_run_as_written(server, tmp_path, monkeypatch, capfd):
     run = subprocess.run([sys.executable, "offline.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
-    assert run.stdout.split() == ["green"], run.stdout[-2000:]
+    assert "green" in run.stdout.splitlines(), run.stdout[-2000:]  # its print, among vLLM's own log lines
     monkeypatch.chdir(ROOT)  # the client block reads assets/example.png
     namespace = {"__name__": "__docs__"}
     exec(compile(client.replace("http://127.0.0.1:8000", server), "docs/serving.md client block", "exec"), namespace)
