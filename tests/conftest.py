@@ -114,6 +114,21 @@ def require(module: str, reason: str):
     return pytest.importorskip(module, reason=reason)
 
 
+@pytest.fixture(scope="session")
+def ask_sh_venv() -> dict:
+    """.venv as ask.sh's first run makes it (scripts/setup_venv.sh, what ask.sh runs before ask.py), made once for
+    the session before any test runs ask.sh: {"fresh": whether this session made it, "stderr": what that run said}, so
+    the first-run messages are checked whichever test needs .venv first."""
+    import subprocess
+
+    fresh = not (ROOT / ".venv").exists()
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([str(ROOT / "scripts" / "setup_venv.sh"), str(ROOT / ".venv")], env=env,
+                            capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"fresh": fresh, "stderr": result.stderr + result.stdout}
+
+
 # ```python blocks of a model card, each optionally preceded by a `<!-- card-test: ... -->` marker.
 CARD_BLOCK = re.compile(r"(?P<marker><!-- card-test: [^>]*-->\n)?```python\n(?P<code>.*?)```", re.S)
 VLLM_MARKER = "<!-- card-test: vllm -->"  # blocks that need vLLM: tests/test_vllm.py runs them, in .venv-vllm

@@ -65,7 +65,7 @@ def shell_blocks(page) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if shell_blocks(p)], ids=lambda p: p.name)
-def test_shell_blocks_run_as_written_or_say_why_not(page):
+def test_shell_blocks_run_as_written_or_say_why_not(page, ask_sh_venv):  # .venv as ask.sh's first run makes it
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}  # a user's shell
     for marker, code in shell_blocks(page):
         if marker:

@@ -90,11 +90,9 @@ def test_an_image_folder_is_named_as_a_folder(elsewhere):
 @pytest.mark.parametrize("args, fragment", [(["--max-new-tokens", "0"], "at least 1"),
                                             (["--max-new-tokens", "-5"], "at least 1"),
                                             (["--question", " "], "--question is empty")])
-def test_ask_sh_usage_mistakes_are_one_line_naming_ask_sh(elsewhere, args, fragment):
+def test_ask_sh_usage_mistakes_are_one_line_naming_ask_sh(elsewhere, args, fragment, ask_sh_venv):
     """Run as the README does, through ask.sh (its .venv made first, as ask.sh's first run makes it)."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    subprocess.run([str(ROOT / "scripts" / "setup_venv.sh"), str(ROOT / ".venv")], env=env, check=True,
-                   capture_output=True, timeout=1500)
     result = subprocess.run([str(ROOT / "ask.sh"), *args], cwd=elsewhere, env=env, capture_output=True, text=True,
                             timeout=600)
     assert_one_error_line(result, "ask.sh:", fragment)
@@ -148,24 +146,25 @@ def test_ask_relative_model_folder_from_another_directory(tiny_repo_factory, els
     assert result.stderr.strip() == "", result.stderr  # no notices, warnings or loading bars
 
 
-def test_ask_sh_runs_from_another_directory_with_relative_paths(tmp_path):
-    """The README's main command, exactly: it sets up .venv itself on first use (minutes on a fresh clone)."""
+def test_ask_sh_runs_from_another_directory_with_relative_paths(tmp_path, ask_sh_venv):
+    """The README's main command, exactly: it sets up .venv itself on first use (minutes on a fresh clone: the
+    session's ask_sh_venv makes it as ask.sh does, and keeps what that first run said)."""
     import shapes_data
 
     image = tmp_path / "shape.png"
     shapes_data.draw_scene(shapes_data.Scene("square", "blue", 1), __import__("random").Random(3)).save(image)
     elsewhere = tmp_path / "work"
     elsewhere.mkdir()
-    fresh = not (ROOT / ".venv").exists()
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     result = subprocess.run([str(ROOT / "ask.sh"), "--image", "../shape.png", "--question", "What shape is it?"],
                             cwd=elsewhere, env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     # Nothing but the answer lines on stdout, with the right word.
     assert result.stdout == "Q: What shape is it?\nA: square\n", result.stdout[:500]
-    if fresh:  # the first run said what it installs
-        assert "[1/2] " in result.stderr and "Virtualenv ready" in result.stderr, result.stderr[-3000:]
-        assert re.search(r"torch 2\.13\.0('s CPU build)? from", result.stderr), result.stderr[-3000:]
+    first = ask_sh_venv["stderr"]
+    if ask_sh_venv["fresh"]:  # the first run said what it installs
+        assert "[1/2] " in first and "Virtualenv ready" in first, first[-3000:]
+        assert re.search(r"torch 2\.13\.0('s CPU build)? from", first), first[-3000:]
     # The one environment runs every script: the LoRA, demo and conversion dependencies are there too.
     check = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", "import peft, gradio, accelerate, safetensors"],
                            capture_output=True, text=True, timeout=300)
