@@ -82,6 +82,15 @@ def test_an_original_release_folder_says_to_convert_it(elsewhere):
     assert_one_error_line(result, "original Florence-VL release", "llava_llama", "convert_checkpoint.py")
 
 
+def test_paths_are_shown_normalised(elsewhere, monkeypatch):
+    """`../ft-out` typed in a folder is shown (and used) as the folder it names, not `.../work/../ft-out`."""
+    from cli_common import user_path
+
+    monkeypatch.chdir(elsewhere)
+    assert user_path("../ft-out") == elsewhere.parent / "ft-out"
+    assert user_path("~/x").parts[-1] == "x" and ".." not in user_path("a/../b").parts
+
+
 def test_an_image_folder_is_named_as_a_folder(elsewhere):
     (elsewhere / "photos").mkdir()
     assert_one_error_line(run_script(SCRIPTS["ask"], "--image", "photos", cwd=elsewhere), "is a folder")
