@@ -13,11 +13,13 @@ weights are streamed shard by shard into a temporary folder that only becomes OU
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import string
 import struct
 import sys
@@ -862,6 +864,37 @@ def prepare_out(out: Path) -> None:
         raise ConversionError(f"OUT {out} already exists and is not an empty folder")
 
 
+def staging_folder(out: Path) -> Path:
+    """A new hidden folder beside OUT (same disk: the final move is a rename), named after OUT and this process."""
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Remove the staging folders that an earlier conversion to OUT left when it was killed outright (SIGKILL, power
+    loss: no handler runs), recognised by their name and a process id that no longer runs."""
+    for folder in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):
+        pid = folder.name[len(out.name) + 2:].split(".")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # a conversion still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's running process
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"Removed {folder}, left by a conversion to {out.name} that was killed")
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (kill, a scheduler's timeout) end the conversion like Ctrl-C, so its staging folder is removed."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def convert(src: str, out: Optional[str], vision_tower: Optional[str] = None, dtype: str = "auto",
             max_shard_size: str = "5GB", push_to_hub: Optional[str] = None, dry_run: bool = False,
             repo_id: Optional[str] = None) -> Plan:
@@ -891,7 +924,8 @@ def convert(src: str, out: Optional[str], vision_tower: Optional[str] = None, dt
     floating = Counter(output_dtype(p.source.dtype, requested) for p in plan.mapped if p.source.dtype.is_floating_point)
     dtype_name = str(floating.most_common(1)[0][0]).removeprefix("torch.") if floating else "float32"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent))
+    remove_stale_staging(out_path)
+    staging = staging_folder(out_path)
     try:
         print(f"Converting {src} ({model_type}) -> {out_path}")
         write_weights(shards, staging, requested)
@@ -940,12 +974,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: expected problems end in a one-line `error:` message and exit status 1, never a traceback."""
     args = parse_args(argv)
+    stop_on_sigterm()
     try:
         convert(args.src, args.out, args.vision_tower, args.dtype, args.max_shard_size, args.push_to_hub, args.dry_run,
                 args.repo_id)
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written to OUT (the partial conversion was removed)", file=sys.stderr)
+        return 130
     return 0
 
 
