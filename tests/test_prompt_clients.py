@@ -100,9 +100,10 @@ def trl_vision_collator(processor, chat, image):
     collator = DataCollatorForVisionLanguageModeling(processor)
     batch = collator([{"messages": [{"role": "user", "content": question}], "images": [image]}])
     ids = batch["input_ids"][0].tolist()
-    # A training sample has no generation prompt: the release's ids end with it.
-    return ids + processor.tokenizer("<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False)[
-        "input_ids"]
+    # A training sample has no generation prompt: the release's ids end with it (its family's, by its image token).
+    generation_prompt = {"<|placeholder1|>": "<|assistant|>\n"}.get(
+        processor.image_token, "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    return ids + processor.tokenizer(generation_prompt, add_special_tokens=False)["input_ids"]
 
 
 CLIENTS = [processor_apply_chat_template, render_then_processor, render_then_processor_without_special_tokens,
@@ -275,7 +276,7 @@ ORIGINAL_PROMPTS = {
     "phi3": "<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n<image>\n{question}<|end|>\n<|assistant|>\n",
 }
 VARIANT_CLIENTS = [processor_apply_chat_template, render_then_processor, render_then_processor_without_special_tokens,
-                   lmms_eval_huggingface]
+                   lmms_eval_huggingface, trl_vision_collator]
 
 
 CHUNK_IDS = """

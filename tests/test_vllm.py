@@ -11,6 +11,7 @@ questions are the fixture's three cases plus a drawn shape scene.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -231,12 +232,19 @@ def test_prompt_over_max_model_len_is_a_clear_error(llm):
         chat(llm, [conversation([image], "word " * MAX_MODEL_LEN)])
 
 
-@pytest.fixture(scope="module")
-def phi3_bos_folder(folder, tmp_path_factory) -> Path:
+PHI3_QUESTION = "What is in the image?"
+# The 3B release's prompt, as ../shared/docs/florence_vl_facts.md gives it.
+PHI3_PROMPT = f"<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n<image>\n{PHI3_QUESTION}<|end|>\n<|assistant|>\n"
+
+
+@pytest.fixture(scope="module", params=["adds_bos", "no_bos"])
+def phi3_folder(request, folder, tmp_path_factory) -> tuple[Path, Path, list[int]]:
     """A Phi-3 Florence-VL folder written as the converter writes one for a release whose tokenizer adds <s>
-    (tests/assets/phi3_tiny_tokenizer given a `<s> $A` post-processor): the rule read off that tokenizer
-    (`release_bos`), the template and tokenizer it writes; the embedded model's image side and a random Phi-3 LLM of
-    vLLM-CPU's minimum head size (32), since only the prompt ids are compared."""
+    (tests/assets/phi3_tiny_tokenizer given a `<s> $A` post-processor) or adds nothing (as it is): the rule read off
+    that tokenizer (`release_bos`), the template and tokenizer it writes; the embedded model's image side and a random
+    Phi-3 LLM of vLLM-CPU's minimum head size (32), since only the prompt ids are compared. Returns the release
+    folder, the converted folder and the original's ids for PHI3_PROMPT: the release tokenizer's own call on the
+    prompt's chunks split at <image>, a leading <s> kept once (never computed with our processor)."""
     import convert_checkpoint
     from model_folder import write_model_folder
     from transformers import AutoConfig, AutoProcessor, AutoTokenizer
@@ -245,19 +253,20 @@ def phi3_bos_folder(folder, tmp_path_factory) -> Path:
     from florence_vl.modeling_florence_vl import FlorenceVLForConditionalGeneration
     from florence_vl.processing_florence_vl import FlorenceVLProcessor
 
-    release = tmp_path_factory.mktemp("phi3_release_tokenizer")
+    release = tmp_path_factory.mktemp(f"phi3_release_tokenizer_{request.param}")
     tokenizer = json.loads((ROOT / "tests" / "assets" / "phi3_tiny_tokenizer" / "tokenizer.json").read_text())
-    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
-    sequence = [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 0}}]
-    tokenizer["post_processor"] = {"type": "TemplateProcessing", "single": [bos, sequence[0]],
-                                   "pair": [bos, sequence[0], bos, sequence[1]],
-                                   "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    if request.param == "adds_bos":
+        bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+        sequence = [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 0}}]
+        tokenizer["post_processor"] = {"type": "TemplateProcessing", "single": [bos, sequence[0]],
+                                       "pair": [bos, sequence[0], bos, sequence[1]],
+                                       "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
     (release / "tokenizer.json").write_text(json.dumps(tokenizer))
     config_text = (ROOT / "tests" / "assets" / "phi3_tiny_tokenizer" / "tokenizer_config.json").read_text()
     (release / "tokenizer_config.json").write_text(config_text)
     source = AutoTokenizer.from_pretrained(str(release), config=AutoConfig.for_model("llama"))
     bos_text = convert_checkpoint.release_bos(source, "phi3", json.loads(config_text))
-    assert bos_text == "<s>"
+    assert bos_text == ("<s>" if request.param == "adds_bos" else "")
     embedded = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     processor = FlorenceVLProcessor(image_processor=embedded.image_processor,
                                     tokenizer=convert_checkpoint.florence_vl_tokenizer(source),
@@ -271,33 +280,27 @@ def phi3_bos_folder(folder, tmp_path_factory) -> Path:
                               breadth_encoder_config=embedded_config["breadth_encoder_config"], text_config=text,
                               image_token_id=processor.image_token_id, image_seq_length=embedded.image_seq_length)
     torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("phi3_bos") / "florence-vl-phi3-bos"
+    out = tmp_path_factory.mktemp(f"phi3_{request.param}") / "florence-vl-phi3"
     model = FlorenceVLForConditionalGeneration(config)
     write_model_folder(out, processor, "# Florence-VL, tiny Phi-3 (test)\n", model=model)
-    return release, out
+
+    first, rest = (source(chunk)["input_ids"] for chunk in PHI3_PROMPT.split("<image>"))
+    offset = 1 if first[:1] == [source.bos_token_id] else 0
+    assert offset == (request.param == "adds_bos")  # the variants do differ
+    image_tokens = [source.convert_tokens_to_ids("<|placeholder1|>")] * embedded.image_seq_length
+    return release, out, first + image_tokens + rest[offset:]
 
 
-def test_llm_chat_gives_a_bos_adding_phi3_release_its_original_ids(phi3_bos_folder, llm):
-    """vLLM's plain LLM.chat on such a folder builds the ids the original builds with that release tokenizer: its own
-    call on the prompt's chunks split at <image>, the leading <s> kept once (ids computed with the release tokenizer,
-    never with our processor). `llm` first: this engine runs beside the module's, after it."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    release, out = phi3_bos_folder
+def test_llm_chat_gives_each_phi3_release_tokenizer_its_original_ids(phi3_folder, llm):
+    """vLLM's plain LLM.chat on such a folder builds the ids the original builds with that release tokenizer. `llm`
+    first: this engine runs beside the module's, after it."""
+    _, out, expected = phi3_folder
     phi3 = vllm.LLM(model=str(out), **ENGINE_ARGS)
-    image, question = fixture_cases()[0][0], "What is in the image?"
+    image = fixture_cases()[0][0]
     output = chat(phi3, [[{"role": "user", "content": [{"type": "image_pil", "image_pil": image},
-                                                       {"type": "text", "text": question}]}]], max_tokens=1)[0]
+                                                       {"type": "text", "text": PHI3_QUESTION}]}]], max_tokens=1)[0]
     del phi3
-    source = AutoTokenizer.from_pretrained(str(release), config=AutoConfig.for_model("llama"))
-    # The 3B release's prompt, as ../shared/docs/florence_vl_facts.md gives it.
-    prompt = (f"<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n<image>\n{question}<|end|>\n"
-              "<|assistant|>\n")
-    first, rest = (source(chunk)["input_ids"] for chunk in prompt.split("<image>"))
-    assert first[0] == source.bos_token_id == 1 and rest[0] == 1  # the tokenizer adds <s> to each chunk
-    seq = json.loads((out / "config.json").read_text())["image_seq_length"]
-    image_tokens = [source.convert_tokens_to_ids("<|placeholder1|>")] * seq
-    assert list(output.prompt_token_ids) == first + image_tokens + rest[1:]
+    assert list(output.prompt_token_ids) == expected
 
 
 def test_plans_cover_the_language_model_and_the_breadth_encoder(transformers_side):
@@ -350,13 +353,13 @@ SERVING_DOC_ENV = dict(re.findall(r"^(VLLM_\w+)=(\S+) python -m vllm.entrypoints
                                   (ROOT / "docs" / "serving.md").read_text(), re.M))
 
 
-@pytest.fixture(scope="module")
-def server(folder, tmp_path_factory):
+@contextlib.contextmanager
+def openai_server(model: Path, log_dir: Path):
     """`vllm serve` (as `python -m vllm.entrypoints.openai.api_server`: the vllm-cpu distribution has no working
-    `vllm` command) on 127.0.0.1; started and stopped here, its log shown if it fails to come up."""
+    `vllm` command) on 127.0.0.1 for `model`; its base URL while open, its log shown if it fails to come up."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+    log_path = log_dir / "server.log"
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--host", "127.0.0.1", "--port", str(port),
                "--trust-remote-code", "--model-impl", "transformers", "--dtype", "float32",
                "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--seed", "0"]
@@ -389,6 +392,13 @@ def server(folder, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def server(folder, tmp_path_factory):
+    """The OpenAI-compatible server on the embedded model, for this module's server tests."""
+    with openai_server(folder, tmp_path_factory.mktemp("vllm_server")) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
 def client(server, folder):
     import openai
 
@@ -415,6 +425,20 @@ def test_server_answers_like_generate(client, transformers_side):
     assert prompt_ids[:3] == [BOS, BOS, HEADER]
     assert until_eos(choice.token_ids, transformers_side["eos"]) == new_tokens
     assert choice.message.content == transformers_side["case3_text"]
+
+
+def test_server_gives_each_phi3_release_tokenizer_its_original_ids(phi3_folder, tmp_path):
+    """The OpenAI server, sent a chat with a data-URL image by the official openai client, builds the ids the original
+    builds with that release tokenizer (read back with return_token_ids)."""
+    import openai
+
+    _, out, expected = phi3_folder
+    with openai_server(out, tmp_path) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="not-needed", max_retries=0, timeout=120)
+        response = client.chat.completions.create(
+            model=str(out), messages=conversation([fixture_cases()[0][0]], PHI3_QUESTION, as_url=True), max_tokens=1,
+            temperature=0.0, extra_body={"return_token_ids": True})
+    assert response.prompt_token_ids == expected
 
 
 def test_server_refuses_a_non_image_url(client):
