@@ -40,25 +40,7 @@ RELEASES = {name: config for name, config in json.loads((ROOT / "benchmarks" / "
 
 def florence2_large_tower_config() -> dict:
     """Florence-2-large's config.json in the original remote-code format (only the fields the converter reads)."""
-    return {
-        "model_type": "florence2", "projection_dim": 1024,
-        "vision_config": {
-            "model_type": "davit", "depths": [1, 1, 9, 1], "dim_embed": [256, 512, 1024, 2048],
-            "num_heads": [8, 16, 32, 64], "num_groups": [8, 16, 32, 64], "patch_size": [7, 3, 3, 3],
-            "patch_stride": [4, 2, 2, 2], "patch_padding": [3, 1, 1, 1], "patch_prenorm": [False, True, True, True],
-            "window_size": 12, "drop_path_rate": 0.1, "projection_dim": 1024,
-            "image_pos_embed": {"type": "learned_abs_2d", "max_pos_embeddings": 50},
-            "visual_temporal_embedding": {"type": "COSINE", "max_temporal_embeddings": 100},
-            "image_feature_source": ["spatial_avg_pool", "temporal_avg_pool"],
-        },
-        "text_config": {
-            "model_type": "florence2_language", "vocab_size": 51289, "d_model": 1024, "encoder_layers": 12,
-            "decoder_layers": 12, "encoder_attention_heads": 16, "decoder_attention_heads": 16,
-            "encoder_ffn_dim": 4096, "decoder_ffn_dim": 4096, "max_position_embeddings": 1024,
-            "activation_function": "gelu", "scale_embedding": False, "pad_token_id": 1, "bos_token_id": 0,
-            "eos_token_id": 2, "add_final_layer_norm": False, "normalize_before": False,
-        },
-    }
+    return json.loads((ROOT / "benchmarks" / "real_releases.json").read_text())["_florence2_large_tower_config"]
 
 
 @pytest.fixture(scope="module")

