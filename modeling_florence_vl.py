@@ -22,7 +22,7 @@ from transformers.models.florence2.modeling_florence2 import (
 )
 from transformers.utils import can_return_tuple
 
-from .compatibility_florence_vl import is_decode_step, keep_in_fp32_names, run_vision_tower
+from .compatibility_florence_vl import cached_length, keep_in_fp32_names, run_vision_tower
 from .configuration_florence_vl import DEPTH_FEATURE, FlorenceVLConfig
 
 
@@ -191,6 +191,49 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
             )
         return mask[..., None].expand_as(inputs_embeds).to(inputs_embeds.device)
 
+    def uncached_images(
+        self, input_ids: torch.LongTensor, pixel_values: Optional[torch.FloatTensor], cached: int
+    ) -> Optional[torch.FloatTensor]:
+        """The images still to encode when the cache holds the first `cached` positions of `input_ids` (each row's
+        whole sequence): in each row, the images whose placeholders lie in the cached part are its leading ones and
+        are dropped (their features are in the cache); None when none is left. ValueError when a row's cache ends
+        inside an image's placeholders (its features cannot be split)."""
+        if pixel_values is None or cached == 0 or input_ids.shape[1] <= cached:
+            return pixel_values  # no cache, or only the new ids given: `forward` sorts it out
+        seq = self.config.image_seq_length
+        placeholders = input_ids == self.config.image_token_id
+        in_cache, totals = placeholders[:, :cached].sum(-1).tolist(), placeholders.sum(-1).tolist()
+        for row, count in enumerate(in_cache):
+            if count % seq:
+                raise ValueError(
+                    f"The cache ends inside an image's placeholders (row {row}: {count % seq} of its "
+                    f"{seq} image tokens are cached): continue from a cache that ends before or after an image."
+                )
+        if sum(totals) != seq * pixel_values.shape[0]:
+            return pixel_values  # a mismatch `get_placeholder_mask` reports
+        keep, start = [], 0
+        for count, total in zip(in_cache, totals):
+            keep += range(start + count // seq, start + total // seq)
+            start += total // seq
+        return pixel_values[keep] if keep else None
+
+    def skip_cached_images(
+        self, input_ids: torch.LongTensor, pixel_values: torch.FloatTensor, past_key_values: Optional[Cache]
+    ) -> Optional[torch.FloatTensor]:
+        """For a forward given only the ids after its cache (one sequence) and every image of the conversation: the
+        images whose placeholders are not in these ids are the leading ones, already in the cache, and are dropped."""
+        seq = self.config.image_seq_length
+        given = int((input_ids == self.config.image_token_id).sum())
+        cached = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if given >= seq * pixel_values.shape[0] or input_ids.shape[0] != 1 or cached == 0:
+            return pixel_values  # nothing cached to skip (a mismatch `get_placeholder_mask` reports)
+        if given % seq:
+            raise ValueError(
+                f"The cache ends inside an image's placeholders (the ids after it start with {given % seq} of an "
+                f"image's {seq} tokens): continue from a cache that ends before or after an image."
+            )
+        return pixel_values[pixel_values.shape[0] - given // seq:] if given else None
+
     @can_return_tuple
     def forward(
         self,
@@ -206,6 +249,8 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None and input_ids is not None and past_key_values is not None:
+            pixel_values = self.skip_cached_images(input_ids, pixel_values, past_key_values)
         # Without pixel_values the placeholder ids are embedded as the text tokens they are (as Llava does).
         image_features = None
         if pixel_values is not None:
@@ -346,13 +391,15 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
         attention_mask: Optional[torch.Tensor] = None,
         **kwargs,
     ) -> dict:
-        """Send pixel_values to the prefill step only: images are encoded once per `generate` call."""
+        """Send each image to the model once: the images whose placeholders the cache already holds (every image after
+        the prefill; on a conversation continued from its cache, the earlier turns' ones) are not encoded again."""
+        cached = cached_length(past_key_values, kwargs)
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds, pixel_values=pixel_values,
             attention_mask=attention_mask, **kwargs,
         )
-        if is_decode_step(kwargs):
-            model_inputs.pop("pixel_values", None)
+        if model_inputs.get("pixel_values") is not None:
+            model_inputs["pixel_values"] = self.model.uncached_images(input_ids, model_inputs["pixel_values"], cached)
         return model_inputs
 
 

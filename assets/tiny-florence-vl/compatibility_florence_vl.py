@@ -80,11 +80,13 @@ def keep_in_fp32_names(names: list[str], prefix: str) -> list[str]:
     return list(names) if IS_TRANSFORMERS_4 else [prefix + name for name in names]
 
 
-def is_decode_step(kwargs: dict[str, Any]) -> bool:
-    """Whether `prepare_inputs_for_generation` runs after prefill: 4.x forwards pixel_values on every step (5.x drops
-    them itself), so the caller must drop them to encode images once."""
+def cached_length(past_key_values: Any, kwargs: dict[str, Any]) -> int:
+    """How many leading positions of `prepare_inputs_for_generation`'s full input_ids the cache already holds: 4.x
+    passes `cache_position` (the slice it feeds the model), 5.x passes none and slices by the cache's own length."""
     cache_position = kwargs.get("cache_position")
-    return cache_position is not None and kwargs.get("use_cache", True) and int(cache_position[0]) != 0
+    if cache_position is not None:
+        return int(cache_position[0]) if kwargs.get("use_cache", True) else 0
+    return past_key_values.get_seq_length() if past_key_values is not None else 0
 
 
 # ---------------------------------------------------------------------------------------------------------- training
