@@ -14,17 +14,19 @@ import os
 import signal
 import sys
 import tempfile
+import uuid
+from collections import OrderedDict
 from pathlib import Path
-from threading import Thread
+from threading import Lock, Thread
 from typing import Any, Iterator, Optional
 
 # Before gradio is imported: no usage statistics sent anywhere from a local demo.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from cli_common import (DEFAULT_MAX_NEW_TOKENS, ScriptParser, add_runtime_args, positive_int, quiet_libraries,
-                        resolve_device, resolve_dtype, resolve_model, run)
+                        resolve_model, run)
 
-from ask import EMBEDDED_MODEL, EMBEDDED_NOTICE, EMBEDDED_SCOPE
+from ask import EMBEDDED_MODEL, EMBEDDED_NOTICE, EMBEDDED_SCOPE, load_model
 
 ROOT = Path(__file__).resolve().parent
 NO_IMAGE = "Upload an image first: the model answers questions about an image."
@@ -35,34 +37,55 @@ EMBEDDED_PAGE = {"title": "Florence-VL (embedded tiny model: coloured shapes onl
 
 
 class Chat:
-    """The model, its processor and the generation settings, shared by every browser session."""
+    """The model and processor shared by every browser session, and the cache of each session's conversation (the
+    `max_sessions` most recently used kept: an evicted session's next answer recomputes its chat, the same answer)."""
 
-    def __init__(self, model_path: str, device: Optional[str], max_new_tokens: int, dtype: str = "auto"):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        self.device = resolve_device(device)
-        dtype = resolve_dtype(dtype, self.device)
-        self.processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
-        self.model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, dtype=dtype)
-        self.model.to(self.device).eval()
+    def __init__(self, model_path: str, device: Optional[str], max_new_tokens: int, dtype: str = "auto",
+                 max_sessions: int = 8):
+        self.model, self.processor = load_model(model_path, device, dtype)
         self.max_new_tokens = max_new_tokens
+        self.max_sessions = max_sessions
+        self.caches: OrderedDict[str, tuple[int, Any]] = OrderedDict()  # session -> (messages it covers, cache)
+        self.lock = Lock()
 
-    def stream(self, messages: list[dict[str, Any]]) -> Iterator[str]:
-        """The assistant's answer to the chat so far, growing piece by piece (greedy decoding)."""
+    def forget(self, session: str) -> None:
+        """Drop the session's cache (a cleared conversation, a new image)."""
+        with self.lock:
+            self.caches.pop(session, None)
+
+    def _cache_for(self, session: str, messages: list[dict[str, Any]]) -> Any:
+        """The session's cache when it covers every message before the last (the new question), else None."""
+        with self.lock:
+            covered, cache = self.caches.pop(session, (0, None))
+        return cache if covered == len(messages) - 1 else None
+
+    def _keep(self, session: str, covered: int, cache: Any) -> None:
+        with self.lock:
+            self.caches[session] = (covered, cache)
+            while len(self.caches) > self.max_sessions:
+                self.caches.popitem(last=False)
+
+    def stream(self, messages: list[dict[str, Any]], session: str) -> Iterator[str]:
+        """The assistant's answer to the chat so far, growing piece by piece (greedy decoding), continued from the
+        session's cache of the earlier turns; the cache then covers this answer too."""
         from transformers import TextIteratorStreamer
 
         inputs = self.processor.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        ).to(self.device)
+        ).to(self.model.device)
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(**inputs, streamer=streamer, max_new_tokens=self.max_new_tokens, do_sample=False)
-        thread = Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
+        kwargs = dict(**inputs, streamer=streamer, max_new_tokens=self.max_new_tokens, do_sample=False,
+                      past_key_values=self._cache_for(session, messages), return_dict_in_generate=True)
+        result: dict[str, Any] = {}
+        thread = Thread(target=lambda: result.update(output=self.model.generate(**kwargs)), daemon=True)
         thread.start()
         text = ""
         for piece in streamer:
             text += piece
             yield text
         thread.join()
+        if "output" in result:
+            self._keep(session, len(messages) + 1, result["output"].past_key_values)
 
 
 def user_turn(image: Optional[str], question: str, state: dict[str, Any]) -> list[dict[str, Any]]:
@@ -76,8 +99,8 @@ def user_turn(image: Optional[str], question: str, state: dict[str, Any]) -> lis
 
 
 def empty_state() -> dict[str, Any]:
-    """A new conversation: no messages, no image sent yet."""
-    return {"messages": [], "image": None}
+    """A new conversation: no messages, no image sent yet, its own session key (for its cache)."""
+    return {"messages": [], "image": None, "session": uuid.uuid4().hex}
 
 
 def build_demo(chat: Chat, title: str, about: str, example: str) -> Any:
@@ -95,17 +118,20 @@ def build_demo(chat: Chat, title: str, about: str, example: str) -> Any:
             gr.Warning(NO_IMAGE)
             yield history, question, state, NO_IMAGE
             return
+        if image and image != state.get("image"):
+            chat.forget(state["session"])  # a new image: the chat so far is recomputed with it
         state["messages"] += user_turn(image, question, state)
         history = history + [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         answer = ""
-        for answer in chat.stream(state["messages"]):
+        for answer in chat.stream(state["messages"], state["session"]):
             history[-1] = {"role": "assistant", "content": answer}
             yield history, "", state, answer
         state["messages"].append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         yield history, "", state, answer
 
-    def clear():
-        """Forget the conversation (the image stays uploaded and is sent again with the next question)."""
+    def clear(state: dict[str, Any]):
+        """Forget the conversation and its cache (the image stays uploaded and is sent again with the next question)."""
+        chat.forget(state["session"])
         return [], "", empty_state(), ""
 
     with gr.Blocks(title=title) as demo:
@@ -126,7 +152,7 @@ def build_demo(chat: Chat, title: str, about: str, example: str) -> Any:
         outputs = [chatbot, question, state, answer]
         send.click(respond, [image, question, state, chatbot], outputs)
         question.submit(respond, [image, question, state, chatbot], outputs)
-        clear_button.click(clear, None, outputs)
+        clear_button.click(clear, [state], outputs)
     return demo
 
 
@@ -145,6 +171,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="interface to serve on (0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--max-cached-sessions", type=positive_int, default=8,
+                        help="conversations whose cache is kept (the most recent; the others recompute)")
     add_runtime_args(parser)
     return parser.parse_args(argv)
 
@@ -160,7 +188,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             model_path, page = str(EMBEDDED_MODEL), EMBEDDED_PAGE
         else:
             model_path, page = resolve_model(args.model), PAGE
-        demo = build_demo(Chat(model_path, args.device, args.max_new_tokens, args.dtype), **page)
+        chat = Chat(model_path, args.device, args.max_new_tokens, args.dtype, args.max_cached_sessions)
+        demo = build_demo(chat, **page)
         try:
             demo.queue().launch(server_name=args.host, server_port=args.port, theme=offline_theme(), share=False)
         finally:
