@@ -1,12 +1,16 @@
 """Florence-VL against its own parts, as ratios that machine noise cannot fool.
 
     python benchmarks/overhead.py [--size mid] [--dtype float32] [--batch 1] [--rounds 15] [--guard 1.5]
+                                  [--groups decode,ttft,followup,features]
 
 decode    time per new token inside `generate` (prefill excluded): ours with the image prompt and text-only, against
           the bare LLM (`AutoModelForCausalLM`) holding the same weights, also right after our image encoding (which
           leaves the process's memory in another state); control: a second copy of the bare LLM.
 ttft      time to first token of ours against its parts: our image features + the bare LLM's prefill of the same
           length; control: the parts measured again.
+followup  time to first token of a follow-up question (8 answer tokens then 24 question tokens after the image
+          prompt) continued from the first turn's cache, against the first question's; control: the follow-up
+          recomputed without the cache. Its greedy tokens are checked equal to the recompute's first.
 features  our image features (depth + breadth + DBFusion projector) against transformers' native Florence-2
           encoding of the same tower: its image features, then its BART encoder over [image ; prompt] for the
           prompts; control: the native encoding measured again.
@@ -20,6 +24,7 @@ in time share the machine's load); the median ratio and its interquartile range 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -154,6 +159,32 @@ def ttft_ratios(ours, bare, image: dict, text: dict, count: int) -> dict:
     })
 
 
+def followup_ratios(ours, image: dict, count: int) -> dict:
+    """A follow-up question's time to first token, continued from the first turn's cache, against the first
+    question's, and against recomputing the whole follow-up conversation."""
+    first = ours.generate(**image, max_new_tokens=8, min_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    batch = image["input_ids"].shape[0]
+    question = torch.randint(10, 100, (batch, 24), generator=torch.Generator().manual_seed(1)).to(ours.device)
+    ids = torch.cat([first.sequences, question], 1)
+    follow_up = {"input_ids": ids, "pixel_values": image["pixel_values"], "attention_mask": torch.cat(
+        [image["attention_mask"], torch.ones_like(ids[:, image["input_ids"].shape[1]:])], 1)}
+    settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    continued = ours.generate(**follow_up, past_key_values=copy.deepcopy(first.past_key_values), **settings)
+    if not torch.equal(continued, ours.generate(**follow_up, **settings)):
+        raise RuntimeError("the follow-up continued from the cache differs from its recompute")
+
+    def from_cache() -> float:
+        cache = copy.deepcopy(first.past_key_values)  # generate extends it: a fresh copy each time, not timed
+        return generate_seconds(ours, {**follow_up, "past_key_values": cache})
+
+    times = rounds({"first": lambda: generate_seconds(ours, image), "from_cache": from_cache,
+                    "recompute": lambda: generate_seconds(ours, follow_up)}, count)
+    return ratios(times, {
+        "follow-up TTFT from the cache / first question's TTFT": (("from_cache",), ("first",)),
+        "follow-up TTFT from the cache / recomputed": (("from_cache",), ("recompute",)),
+    })
+
+
 def features_ratios(ours, pixel_values: torch.Tensor, count: int) -> dict:
     """Our image features against native Florence-2's encoding of the same tower (checked equal first)."""
     native = native_florence2(ours)
@@ -187,6 +218,8 @@ def measure(size: str, device: torch.device, dtype: torch.dtype, batch: int, cou
             result.update(decode_ratios(ours, bare, copy, image, text, count, new_tokens))
         if "ttft" in groups:
             result.update(ttft_ratios(ours, bare, image, text, count))
+        if "followup" in groups:
+            result.update(followup_ratios(ours, image, count))
         if "features" in groups:
             result.update(features_ratios(ours, image["pixel_values"], count))
     return result
@@ -201,7 +234,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=15, help="rounds per group (each runs every arm once)")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens per decode measurement")
-    parser.add_argument("--groups", default="decode,ttft,features", help="comma-separated: decode, ttft, features")
+    parser.add_argument("--groups", default="decode,ttft,followup,features",
+                        help="comma-separated: decode, ttft, followup, features")
     parser.add_argument("--guard", type=float, default=None, help="exit 1 when a median ratio exceeds this")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     return parser.parse_args(argv)
@@ -211,7 +245,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Measure, print every ratio with its spread; 1 when one is above --guard, 2 on bad options."""
     args = parse_args(argv)
     groups = [g for g in args.groups.split(",") if g]
-    unknown = [g for g in groups if g not in ("decode", "ttft", "features")]
+    unknown = [g for g in groups if g not in ("decode", "ttft", "followup", "features")]
     if unknown or args.rounds < 4 or args.batch < 1:
         print(f"error: unknown groups {unknown}" if unknown else "error: --rounds must be >= 4, --batch >= 1",
               file=sys.stderr)
