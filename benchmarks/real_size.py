@@ -372,6 +372,17 @@ def step_offload(folder: str, max_memory: str, offload: str, tokens: int) -> dic
             "new_tokens": generated.shape[1] - inputs["input_ids"].shape[1], "prompt_tokens": inputs["input_ids"].shape[1]}
 
 
+def rope_settings(text: Any) -> dict[str, Any]:
+    """The LLM config's rope settings in one form for both versions: 5.x holds them in `rope_parameters`; 4.x in
+    `rope_theta` and `rope_scaling` (Phi-3's legacy `type` key) with Phi-3's original context at the top level."""
+    rope = dict(getattr(text, "rope_parameters", None) or {**(text.rope_scaling or {}), "rope_theta": text.rope_theta})
+    legacy = rope.pop("type", None)
+    rope["rope_type"] = rope.get("rope_type") or legacy or "default"
+    rope.setdefault("original_max_position_embeddings", getattr(text, "original_max_position_embeddings", None))
+    rope.setdefault("partial_rotary_factor", getattr(text, "partial_rotary_factor", None) or 1.0)
+    return rope
+
+
 def step_rope(folder: str, length: int) -> dict[str, Any]:
     """The converted LLM's rope settings as this transformers version loads them, and the model's logits past the
     original context against the plain causal LM of the converted text weights (and against that LLM without its
@@ -382,7 +393,7 @@ def step_rope(folder: str, length: int) -> dict[str, Any]:
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     text = config.text_config
-    rope = getattr(text, "rope_parameters", None) or {"rope_theta": text.rope_theta, **(text.rope_scaling or {})}
+    rope = rope_settings(text)
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
     weights = {}
     for file in sorted(Path(folder).glob("*.safetensors")):
