@@ -40,6 +40,20 @@ def with_legacy_rope_keys(text_config: dict[str, Any]) -> dict[str, Any]:
     return {**text_config, "rope_theta": rope["rope_theta"], "rope_scaling": scaling}
 
 
+def rope_settings(text_config: Any) -> dict[str, Any]:
+    """A loaded LLM config's rope settings in one form for both versions: 5.x keeps them in `rope_parameters`; 4.57 in
+    `rope_theta` and `rope_scaling` (Phi-3's with the legacy `type` key and its original context at the top level)."""
+    if IS_TRANSFORMERS_4:
+        rope = {**(text_config.rope_scaling or {}), "rope_theta": text_config.rope_theta}
+    else:
+        rope = dict(text_config.rope_parameters)
+    legacy = rope.pop("type", None)
+    rope["rope_type"] = rope.get("rope_type") or legacy or "default"
+    rope.setdefault("original_max_position_embeddings", getattr(text_config, "original_max_position_embeddings", None))
+    rope.setdefault("partial_rotary_factor", getattr(text_config, "partial_rotary_factor", None) or 1.0)
+    return rope
+
+
 class ConfigBase(PretrainedConfig):
     """PretrainedConfig whose JSON both versions read: 5.x writes the LLM's rope settings as `rope_parameters` only,
     which 4.57 drops silently, so the 4.x keys are written beside them (`with_legacy_rope_keys`)."""

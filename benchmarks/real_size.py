@@ -372,17 +372,6 @@ def step_offload(folder: str, max_memory: str, offload: str, tokens: int) -> dic
             "new_tokens": generated.shape[1] - inputs["input_ids"].shape[1], "prompt_tokens": inputs["input_ids"].shape[1]}
 
 
-def rope_settings(text: Any) -> dict[str, Any]:
-    """The LLM config's rope settings in one form for both versions: 5.x holds them in `rope_parameters`; 4.x in
-    `rope_theta` and `rope_scaling` (Phi-3's legacy `type` key) with Phi-3's original context at the top level."""
-    rope = dict(getattr(text, "rope_parameters", None) or {**(text.rope_scaling or {}), "rope_theta": text.rope_theta})
-    legacy = rope.pop("type", None)
-    rope["rope_type"] = rope.get("rope_type") or legacy or "default"
-    rope.setdefault("original_max_position_embeddings", getattr(text, "original_max_position_embeddings", None))
-    rope.setdefault("partial_rotary_factor", getattr(text, "partial_rotary_factor", None) or 1.0)
-    return rope
-
-
 def step_rope(folder: str, length: int) -> dict[str, Any]:
     """The converted LLM's rope settings as this transformers version loads them, and the model's logits past the
     original context against the plain causal LM of the converted text weights (and against that LLM without its
@@ -390,6 +379,11 @@ def step_rope(folder: str, length: int) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from cli_common import register_model_package
+
+    register_model_package()
+    from florence_vl.compatibility_florence_vl import rope_settings
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     text = config.text_config
@@ -529,22 +523,28 @@ class DiskPeak:
         return self.peak
 
 
-def run_step(python: str, name: str, *args: Any) -> dict[str, Any]:
-    """Run one step of this file in a fresh `python` process; its result, seconds and peak RSS."""
-    command = [python, str(Path(__file__)), "--step", name, *map(str, args)]
+def run_measured(command: list[str]) -> dict[str, Any]:
+    """Run `command` from the repository root; its output, exit status, seconds and peak RSS (os.wait4: this launcher
+    imports no torch, so the fork the child starts from is small)."""
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    reader = threading.Thread(target=lambda: setattr(process, "_err", process.stderr.read()), daemon=True)
+    errors: list[str] = []
+    reader = threading.Thread(target=lambda: errors.append(process.stderr.read()), daemon=True)
     reader.start()
-    out = process.stdout.read()
+    stdout = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
     reader.join()
-    process.returncode = os.waitstatus_to_exitcode(status)
-    lines = [line for line in out.splitlines() if line.startswith(RESULT)]
-    if process.returncode != 0 or not lines:
-        raise SystemExit(f"error: step {name} exited with {process.returncode}:\n{process._err[-3000:]}")
-    return {**json.loads(lines[-1][len(RESULT):]), "seconds": time.perf_counter() - start,
-            "rss": usage.ru_maxrss * 1024}
+    return {"stdout": stdout, "stderr": errors[0], "returncode": os.waitstatus_to_exitcode(status),
+            "seconds": time.perf_counter() - start, "rss": usage.ru_maxrss * 1024}
+
+
+def run_step(python: str, name: str, *args: Any) -> dict[str, Any]:
+    """Run one step of this file in a fresh `python` process; its result, seconds and peak RSS."""
+    run = run_measured([python, str(Path(__file__)), "--step", name, *map(str, args)])
+    lines = [line for line in run["stdout"].splitlines() if line.startswith(RESULT)]
+    if run["returncode"] != 0 or not lines:
+        raise SystemExit(f"error: step {name} exited with {run['returncode']}:\n{run['stderr'][-3000:]}")
+    return {**json.loads(lines[-1][len(RESULT):]), "seconds": run["seconds"], "rss": run["rss"]}
 
 
 def converter(src: Path, out: Path, *extra: str) -> list[str]:
@@ -553,18 +553,11 @@ def converter(src: Path, out: Path, *extra: str) -> list[str]:
 
 
 def timed_converter(python: str, src: Path, out: Path, *extra: str) -> dict[str, Any]:
-    """Run the converter to the end; its output, exit status, seconds and peak RSS (os.wait4)."""
+    """Run the converter to the end; its seconds include syncing its writes to disk (as the plain copy's do)."""
     start = time.perf_counter()
-    process = subprocess.Popen([python, *converter(src, out, *extra)[1:]], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    reader = threading.Thread(target=lambda: setattr(process, "_err", process.stderr.read()), daemon=True)
-    reader.start()
-    stdout = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    reader.join()
-    os.sync()  # on disk, as the plain copy it is compared with
-    return {"stdout": stdout, "stderr": process._err, "returncode": os.waitstatus_to_exitcode(status),
-            "seconds": time.perf_counter() - start, "rss": usage.ru_maxrss * 1024}
+    run = run_measured([python, *converter(src, out, *extra)[1:]])
+    os.sync()
+    return {**run, "seconds": time.perf_counter() - start}
 
 
 def staging(out: Path) -> list[Path]:
@@ -624,20 +617,16 @@ def check_output(out: Path, max_bytes: int) -> None:
     from_index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(from_index["weight_map"].values()))
     check(sorted(p.name for p in out.glob("*.safetensors")) == files, "index names every shard, every shard indexed")
+    from convert_checkpoint import read_safetensors_header
+
     total = 0
     for file in files:
-        header = read_header(out / file)
-        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
-        tensors = [k for k in header if k != "__metadata__"]
+        header = read_safetensors_header(out / file)  # checks too that the file holds every byte it announces
+        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for v in header.values())
+        tensors = list(header)
         check((out / file).stat().st_size <= max_bytes or len(tensors) == 1, f"{file} within --max-shard-size")
         check(all(from_index["weight_map"][k] == file for k in tensors), f"{file}'s tensors indexed to it")
     check(total == from_index["metadata"]["total_size"], "index total_size = the shards' bytes")
-
-
-def read_header(path: Path) -> dict[str, Any]:
-    """A safetensors file's header."""
-    with open(path, "rb") as file:
-        return json.loads(file.read(int.from_bytes(file.read(8), "little")))
 
 
 def plain_copy_seconds(src: Path, scratch: Path) -> float:

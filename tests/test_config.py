@@ -7,6 +7,7 @@ import json
 import pytest
 from conftest import TINY_TEXT, tiny_config
 
+from florence_vl.compatibility_florence_vl import rope_settings
 from florence_vl.configuration_florence_vl import DEFAULT_FLORENCE_PROMPTS, FlorenceVLConfig
 
 LLAMA31_ROPE = {
@@ -19,12 +20,9 @@ LLAMA31_ROPE = {
 
 
 def rope_of(text_config) -> tuple:
-    """(theta, scaling type, factor) however this transformers version stores rope settings."""
-    params = getattr(text_config, "rope_parameters", None)
-    if params:  # transformers 5.x
-        return params["rope_theta"], params.get("rope_type"), params.get("factor")
-    scaling = text_config.rope_scaling or {}
-    return text_config.rope_theta, scaling.get("rope_type", scaling.get("type")), scaling.get("factor")
+    """(theta, scaling type, factor), however this transformers version stores rope settings."""
+    rope = rope_settings(text_config)
+    return rope["rope_theta"], rope["rope_type"], rope.get("factor")
 
 
 def test_defaults_are_the_release_settings():

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import convert_checkpoint as cc
+from florence_vl.compatibility_florence_vl import rope_settings
 from florence_vl.configuration_florence_vl import RELEASE_IMAGE_TOKEN_IDS
 
 MANIFESTS = SHARED / "fixtures" / "real_size_manifests.json"
@@ -322,8 +323,7 @@ def test_converted_by_the_other_version_loads_here(tmp_path):
     result = run_cli(require_fixture() / "original_checkpoint", out, python=OTHER_PYTHON)
     assert result.returncode == 0, result.stderr
     config = transformers.AutoConfig.from_pretrained(out, trust_remote_code=True)
-    rope = getattr(config.text_config, "rope_parameters", None) or {"rope_theta": config.text_config.rope_theta}
-    assert rope["rope_theta"] == 500000.0 and config.text_config.rms_norm_eps == 1e-5
+    assert rope_settings(config.text_config)["rope_theta"] == 500000.0 and config.text_config.rms_norm_eps == 1e-5
     processor = transformers.AutoProcessor.from_pretrained(out, trust_remote_code=True)
     assert processor.tokenizer.convert_tokens_to_ids(processor.image_token) == config.image_token_id == 5
     # Its weights load here and give the logits of the same release converted here.

@@ -16,7 +16,7 @@ import transformers
 from conftest import ROOT, TINY_ENCODER, TINY_TEXT, TINY_VISION, require, tiny_config
 from safetensors.torch import load_file
 
-from florence_vl.compatibility_florence_vl import IS_TRANSFORMERS_4
+from florence_vl.compatibility_florence_vl import IS_TRANSFORMERS_4, rope_settings
 from florence_vl.configuration_florence_vl import REMOTE_CODE_FILES, FlorenceVLConfig
 from florence_vl.modeling_florence_vl import FlorenceVLForConditionalGeneration, FlorenceVLModel
 
@@ -173,15 +173,9 @@ def test_folder_saved_by_the_other_version_loads_here(tmp_path, saved):
     reloaded = transformers.AutoModelForImageTextToText.from_pretrained(
         tmp_path / "resaved", trust_remote_code=True
     ).eval()
-    assert rope_settings(reloaded.config) == rope_settings(model.config)
+    assert rope_settings(reloaded.config.text_config) == rope_settings(model.config.text_config)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits)
-
-
-def rope_settings(config) -> dict:
-    """The LLM's rope settings in the fields this version's models read."""
-    text = config.text_config
-    return {"theta": text.rope_theta, **(text.rope_scaling or {})} if IS_TRANSFORMERS_4 else dict(text.rope_parameters)
 
 
 def test_module_cache_stays_in_the_temporary_hf_home():
