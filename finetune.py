@@ -385,16 +385,30 @@ def train(args: argparse.Namespace, model_path: str) -> Any:
     return trainer
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    if args.model is not None:
-        train(args, resolve_model(args.model))
-        return 0
-    from ask import EMBEDDED_MODEL
+def end_distributed() -> None:
+    """Close the process group a multi-process launch (accelerate launch, torchrun) opened: left to interpreter exit,
+    its communication threads were torn down mid-flight once in three runs under 4.57 ("terminate called without an
+    active exception", exit -6 after the model was saved)."""
+    import torch.distributed
 
-    print("No --model given: fine-tuning the embedded tiny model.")
-    train(args, str(EMBEDDED_MODEL))
-    return 0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Fine-tune the given model (default: the embedded one) and save it."""
+    args = parse_args(argv)
+    try:
+        if args.model is not None:
+            train(args, resolve_model(args.model))
+            return 0
+        from ask import EMBEDDED_MODEL
+
+        print("No --model given: fine-tuning the embedded tiny model.")
+        train(args, str(EMBEDDED_MODEL))
+        return 0
+    finally:
+        end_distributed()
 
 
 if __name__ == "__main__":
